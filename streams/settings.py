@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     top_k: int = Field(10, ge=1, le=200, description="Items per recommendation.")
     web_port: int = Field(6066, description="Faust web port (window lookups, health).")
     web_enabled: bool = True
+    web_host: str = Field("127.0.0.1", description="Bind address of the Faust web server (0.0.0.0 in containers).")
     worker_log_level: str = "info"
 
     # --- rationale (student) -------------------------------------------------------------------------------

@@ -1,0 +1,73 @@
+"""The Faust application: one per process, configured from :class:`streams.settings.Settings`.
+
+Layout after faust's ``examples/fastapi_project``: the app and its topics/tables live here, the agents
+in ``agents/`` import them and register themselves on import (``agents/__init__.py``).
+"""
+
+from __future__ import annotations
+
+import faust
+
+from streams.settings import Settings, get_settings
+from streams.topics import WINDOWS_TABLE
+
+
+def broker_url(bootstrap_servers: str) -> str:
+    return ";".join(f"kafka://{h.strip()}" for h in bootstrap_servers.split(",") if h.strip())
+
+
+def create_app(settings: Settings) -> faust.App:
+    extra = {}
+    if settings.one_record_per_batch:
+        # aiokafka always admits the first record into a new batch, so a 1-byte limit means one record per
+        # batch: Tansu's ListOffsets answer (last batch base + 1) is then the true end of the changelog.
+        extra["producer_max_batch_size"] = 1
+    return faust.App(
+        settings.app_id,
+        broker=broker_url(settings.kafka_bootstrap_servers),
+        store="memory://",  # state is rebuilt from the changelog on every start: no local files to lose
+        processing_guarantee="at_least_once",  # Tansu has no InitProducerId; effects are idempotent instead
+        topic_partitions=settings.topic_partitions,
+        topic_replication_factor=settings.topic_replication,
+        topic_allow_declare=False,  # streams.topics.ensure_topics creates everything up front
+        broker_session_timeout=settings.broker_session_timeout_s,
+        broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
+        broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
+        broker_commit_every=100,
+        broker_commit_interval=1.0,
+        web_enabled=settings.web_enabled,
+        web_port=settings.web_port,
+        web_bind=settings.web_host,
+        web_in_thread=False,
+        table_standby_replicas=0,
+        consumer_auto_offset_reset="earliest",
+        stream_wait_empty=False,
+        **extra,
+    )
+
+
+settings = get_settings()
+app = create_app(settings)
+
+interactions_topic = app.topic(
+    settings.topic_interactions, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+    partitions=settings.topic_partitions,
+)
+recommendations_topic = app.topic(
+    settings.topic_recommendations, key_type=bytes, value_type=bytes, key_serializer="raw",
+    value_serializer="raw", partitions=settings.topic_partitions,
+)
+dead_letter_topic = app.topic(
+    settings.topic_dead_letter, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+    partitions=settings.topic_partitions,
+)
+rationale_requests_topic = app.topic(
+    settings.topic_rationale_requests, key_type=bytes, value_type=bytes, key_serializer="raw",
+    value_serializer="raw", partitions=settings.topic_partitions,
+)
+
+# user_id -> WindowState as a JSON dict. Co-partitioned with interactions and rationale requests.
+windows = app.Table(
+    WINDOWS_TABLE, default=None, partitions=settings.topic_partitions, key_type=str, value_type=None,
+    key_serializer="json", value_serializer="json",
+)

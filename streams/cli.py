@@ -1,0 +1,303 @@
+"""``slimstream``: the command line. Thin: each command wires settings to the modules that do the work.
+
+A bad argument prints one line (``slimstream: error: ...``) and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from typer._click import exceptions as click_exc  # typer >= 0.29 vendors click
+from rich.console import Console
+from rich.panel import Panel
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from streams.settings import Settings, get_settings
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="slimstream: SLIM rationales as a streaming recommender.")
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    print(f"slimstream: error: {' '.join(message.split())}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+# --- worker ----------------------------------------------------------------------------------------------
+@cli.command()
+def worker(
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Run the stream worker (Faust agents) against KAFKA_BOOTSTRAP_SERVERS."""
+    if log_level.lower() not in {"debug", "info", "warning", "error"}:
+        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
+    from streams.topics import ensure_topics
+
+    settings = get_settings()
+    asyncio.run(ensure_topics(settings))
+    from faust.worker import Worker
+
+    import agents  # noqa: F401  (registers the agents)
+    from streams.app import app
+
+    Worker(app, loglevel=log_level.lower(), quiet=True).execute_from_commandline()
+
+
+# --- index-items -----------------------------------------------------------------------------------------
+@cli.command("index-items")
+def index_items(
+    items: Annotated[Optional[str], typer.Option(help="ml-1m, ml-100k, or an items .csv/.jsonl file or dir")] = None,
+) -> None:
+    """Embed the item catalogue into Qdrant (idempotent: unchanged items are not re-embedded)."""
+    settings = get_settings()
+    report = _index(settings, items or settings.dataset)
+    console.print(f"items: {report.total} total, {report.embedded} embedded, {report.unchanged} unchanged, "
+                  f"{report.removed} removed")
+
+
+def _index(settings: Settings, source: str):  # type: ignore[no-untyped-def]
+    from models.encoder import load_encoder
+    from streams.datasets import load_items
+    from vectorstore.catalogue import index_catalogue
+    from vectorstore.store import VectorStore
+
+    try:
+        catalogue = load_items(source)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc), 2)
+    encoder = load_encoder(settings)
+    store = VectorStore(settings)
+    try:
+        store.ensure_collections(encoder.dim)
+        with _progress() as progress:
+            task = progress.add_task("embedding items", total=len(catalogue))
+            return index_catalogue(store, encoder, catalogue,
+                                   progress=lambda done, total: progress.update(task, completed=done, total=total))
+    finally:
+        store.close()
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console)
+
+
+# --- produce ---------------------------------------------------------------------------------------------
+@cli.command()
+def produce(
+    file: Annotated[Path, typer.Argument(help="InteractionEvents as .jsonl or .csv")],
+    rate: Annotated[Optional[float], typer.Option(min=0.01, help="events per second (default: unthrottled)")] = None,
+) -> None:
+    """Publish interaction events from a file to the interactions topic, keyed by user_id."""
+    from streams.replay import publish, read_event_file, start_producer
+
+    if not file.is_file():
+        raise typer.BadParameter(f"no such file: {file}", param_hint="FILE")
+    if file.suffix.lower() not in (".jsonl", ".ndjson", ".json", ".csv"):
+        raise typer.BadParameter(f"unsupported extension {file.suffix!r} (use .jsonl or .csv)", param_hint="FILE")
+    settings = get_settings()
+    good, bad = [], 0
+    for line, ev in read_event_file(file):
+        if isinstance(ev, str):
+            bad += 1
+            err.print(f"{file}:{line}: skipped: {ev}", markup=False, highlight=False)
+        else:
+            good.append(ev)
+
+    async def run() -> int:
+        producer = await start_producer(settings)
+        try:
+            return await publish(producer, settings.topic_interactions, good, rate)
+        finally:
+            await producer.stop()
+
+    sent = asyncio.run(run())
+    console.print(f"sent {sent} events to {settings.topic_interactions!r}; {bad} invalid lines skipped")
+    if bad:
+        raise typer.Exit(1)
+
+
+# --- tail ------------------------------------------------------------------------------------------------
+@cli.command()
+def tail(
+    from_beginning: Annotated[bool, typer.Option(help="start at the oldest message")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print raw JSON lines")] = False,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="stop after this many messages")] = None,
+) -> None:
+    """Print the recommendations topic as it arrives."""
+    settings = get_settings()
+    asyncio.run(_tail(settings, from_beginning, as_json, limit))
+
+
+async def _tail(settings: Settings, from_beginning: bool, as_json: bool, limit: int | None) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    from streams.events import Recommendation
+
+    consumer = AIOKafkaConsumer(settings.topic_recommendations, bootstrap_servers=settings.kafka_bootstrap_servers,
+                                auto_offset_reset="earliest" if from_beginning else "latest",
+                                enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    n = 0
+    try:
+        async for msg in consumer:
+            if as_json:
+                print(msg.value.decode(), flush=True)
+            else:
+                show_recommendation(Recommendation.model_validate_json(msg.value))
+            n += 1
+            if limit and n >= limit:
+                break
+    finally:
+        await consumer.stop()
+
+
+def show_recommendation(rec, out: Console | None = None) -> None:  # type: ignore[no-untyped-def]
+    out = out or console
+    top = ", ".join(f"{i.title} ({i.score:.2f})" for i in rec.items[:5])
+    head = (f"[bold]{rec.user_id}[/] v{rec.window_version} [{'green' if rec.path == 'slow' else 'cyan'}]"
+            f"{rec.path.value}[/] {'current' if rec.rationale_current else 'previous'} rationale")
+    if rec.path.value == "slow" and rec.rationale:
+        out.print(Panel(f"[bold]Top:[/] {top}\n\n{rec.rationale}", title=head, title_align="left",
+                        subtitle=rec.rationale_model_version or "", subtitle_align="right"))
+    else:
+        out.print(f"{head}: {top}")
+
+
+# --- up --------------------------------------------------------------------------------------------------
+@cli.command()
+def up(
+    users: Annotated[int, typer.Option(min=1, help="ML users whose history is replayed")] = 8,
+    rate: Annotated[float, typer.Option(min=0.1, help="events per second")] = 5.0,
+    max_events: Annotated[int, typer.Option(min=1, help="stop replaying after this many events")] = 400,
+    seed: Annotated[int, typer.Option(help="user sample seed")] = 7,
+    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="broker port (default: a free one)")] = None,
+) -> None:
+    """Run everything on this machine: Tansu broker, Qdrant local mode, catalogue, worker, and a replay."""
+    from streams.broker import EmbeddedBroker
+
+    base = get_settings()
+    base.data_dir.mkdir(parents=True, exist_ok=True)
+    logs = base.data_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    broker = EmbeddedBroker(port=port, log_path=logs / "tansu.log")
+    worker_proc: subprocess.Popen[bytes] | None = None
+    try:
+        console.print(f"starting Tansu broker on {broker.host}:{broker.port} ...")
+        broker.start()
+        settings = base.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap_servers})
+        from streams.topics import ensure_topics
+
+        asyncio.run(ensure_topics(settings))
+        report = _index(settings, settings.dataset)
+        console.print(f"catalogue {settings.dataset}: {report.total} items ({report.embedded} embedded now)")
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+               "SLIMSTREAM_DATA_DIR": str(settings.data_dir)}
+        worker_log = open(logs / "worker.log", "ab")
+        worker_proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env,
+                                       stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+        console.print(f"worker started (pid {worker_proc.pid}, log {logs / 'worker.log'}); Ctrl-C stops everything")
+        asyncio.run(_replay_and_show(settings, users, rate, max_events, seed, worker_proc))
+    except KeyboardInterrupt:
+        console.print("\nstopping ...")
+    finally:
+        if worker_proc is not None:
+            _stop_process(worker_proc)
+        broker.stop()
+        console.print("stopped: broker and worker are down")
+
+
+def _stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+async def _replay_and_show(settings: Settings, users: int, rate: float, max_events: int, seed: int,
+                           worker_proc: subprocess.Popen[bytes]) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    from streams.datasets import load_interactions, sample_users
+    from streams.events import Recommendation
+    from streams.replay import interaction_to_event, publish, start_producer
+
+    sample = sample_users(load_interactions(settings.dataset), users, seed)[:max_events]
+    events = [interaction_to_event(i.user_id, i.item_id, i.rating, i.timestamp) for i in sample]
+    consumer = AIOKafkaConsumer(settings.topic_recommendations, bootstrap_servers=settings.kafka_bootstrap_servers,
+                                auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    producer = await start_producer(settings)
+    stats = {"fast": 0, "slow": 0}
+    try:
+        with _progress() as progress:
+            sent_task = progress.add_task(f"replaying {users} users", total=len(events))
+            slow_task = progress.add_task("rationales (slow path)", total=None)
+
+            async def show() -> None:
+                async for msg in consumer:
+                    rec = Recommendation.model_validate_json(msg.value)
+                    stats[rec.path.value] += 1
+                    if rec.path.value == "slow":
+                        progress.update(slow_task, advance=1)
+                    show_recommendation(rec, progress.console)
+
+            shower = asyncio.create_task(show())
+            await publish(producer, settings.topic_interactions, events, rate,
+                          on_sent=lambda ev: progress.update(sent_task, advance=1))
+            progress.update(sent_task, description="replay done; waiting for rationales")
+            while worker_proc.poll() is None and not shower.done():
+                await asyncio.sleep(1.0)
+            if worker_proc.poll() is not None:
+                _fail(f"worker exited with code {worker_proc.returncode}; see {settings.data_dir / 'logs/worker.log'}")
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+# --- schemas ---------------------------------------------------------------------------------------------
+@cli.command()
+def schemas(out: Annotated[Path, typer.Option(help="directory")] = Path(__file__).parent / "schemas") -> None:
+    """Write the JSON Schema of every event contract."""
+    from streams.events import SCHEMA_MODELS
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name, model in SCHEMA_MODELS.items():
+        (out / f"{name}.schema.json").write_text(json.dumps(model.model_json_schema(), indent=2) + "\n")
+    console.print(f"wrote {len(SCHEMA_MODELS)} schemas to {out}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: click's usage errors become one line and exit code 2."""
+    command = typer.main.get_command(cli)
+    try:
+        command.main(args=argv, prog_name="slimstream", standalone_mode=False)
+    except click_exc.UsageError as exc:  # includes BadParameter, NoSuchOption, MissingParameter
+        message = " ".join(exc.format_message().split())
+        print(f"slimstream: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except click_exc.Abort:
+        sys.exit(130)
+    except (click_exc.Exit, typer.Exit) as exc:
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

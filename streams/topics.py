@@ -1,0 +1,80 @@
+"""Every topic the app reads or writes, declared as data, and created up front.
+
+Creating them before the worker starts matters on Tansu, which auto-creates unknown topics with 4
+partitions: a changelog or source topic created that way may not match what the app expects, and
+co-partitioning (interactions, rationale requests and the windows changelog all keyed by user_id)
+needs equal partition counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
+
+from streams.settings import Settings
+
+WINDOWS_TABLE = "windows"
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication: int
+    compacted: bool = False
+    purpose: str = ""
+
+
+def topic_specs(settings: Settings) -> list[TopicSpec]:
+    p, r = settings.topic_partitions, settings.topic_replication
+    return [
+        TopicSpec(settings.topic_interactions, p, r, purpose="InteractionEvent in, key user_id"),
+        TopicSpec(settings.topic_recommendations, p, r, purpose="Recommendation out, key user_id"),
+        TopicSpec(settings.topic_dead_letter, p, r, purpose="DeadLetter: rejected input with reason"),
+        TopicSpec(settings.topic_rationale_requests, p, r, purpose="internal: coalesced rationale requests"),
+        TopicSpec(settings.changelog_topic(WINDOWS_TABLE), p, r, compacted=True,
+                  purpose="internal: behaviour-window table changelog"),
+    ]
+
+
+class TopicMismatch(RuntimeError):
+    pass
+
+
+async def ensure_topics(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
+    """Create missing topics; fail loudly if an existing one has the wrong partition count."""
+    specs = topic_specs(settings)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=10_000)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            await admin.start()
+            break
+        except KafkaConnectionError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+    try:
+        existing = set(await admin.list_topics())
+        missing = [s for s in specs if s.name not in existing]
+        if missing:
+            try:
+                await admin.create_topics([
+                    NewTopic(s.name, num_partitions=s.partitions, replication_factor=s.replication,
+                             topic_configs={"cleanup.policy": "compact"} if s.compacted else {})
+                    for s in missing
+                ])
+            except TopicAlreadyExistsError:
+                pass  # another process won the race; the partition check below still applies
+        described = await admin.describe_topics([s.name for s in specs])
+        counts = {d["topic"]: len(d["partitions"]) for d in described}
+        bad = [f"{s.name}: has {counts.get(s.name)} partitions, expected {s.partitions}"
+               for s in specs if counts.get(s.name) != s.partitions]
+        if bad:
+            raise TopicMismatch("topic partition counts do not match the app: " + "; ".join(bad))
+        return counts
+    finally:
+        await admin.close()

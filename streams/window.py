@@ -1,0 +1,65 @@
+"""A user's behaviour window: the pure state transition the window agent applies per event.
+
+Kept free of Faust so the tests (and anyone auditing a replay) can recompute a window from the
+interactions topic with exactly the worker's rules.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from streams.events import InteractionEvent, WindowItem
+
+
+class WindowState(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    user_id: str
+    version: int = 0  # +1 per applied event; rationales and recommendations refer to it
+    items: tuple[WindowItem, ...] = ()
+    last_event_timestamp: float = 0.0
+    # Where the newest applied event came from: a replay of an offset at or below it is a duplicate
+    # (at-least-once redelivery after a crash), which must not append twice.
+    partition: int = -1
+    offset: int = -1
+    recent_event_ids: tuple[str, ...] = Field(default=())
+
+    @property
+    def item_ids(self) -> list[str]:
+        return [i.item_id for i in self.items]
+
+
+def is_duplicate(state: WindowState | None, event: InteractionEvent, partition: int, offset: int) -> bool:
+    if state is None:
+        return False
+    if partition == state.partition and offset <= state.offset:
+        return True
+    return event.event_id is not None and event.event_id in state.recent_event_ids
+
+
+def apply_event(
+    state: WindowState | None,
+    event: InteractionEvent,
+    partition: int,
+    offset: int,
+    window_size: int,
+    keep_event_ids: int,
+) -> WindowState:
+    """Append ``event`` (caller checked :func:`is_duplicate`) and keep the last ``window_size`` items."""
+    state = state or WindowState(user_id=event.user_id)
+    item = WindowItem(item_id=event.item_id, event_type=event.event_type, value=event.value,
+                      timestamp=event.timestamp)
+    # Re-interacting with an item moves it to the newest position instead of listing it twice.
+    items = [i for i in state.items if i.item_id != event.item_id] + [item]
+    ids = state.recent_event_ids
+    if event.event_id is not None and keep_event_ids:
+        ids = (ids + (event.event_id,))[-keep_event_ids:]
+    return WindowState(
+        user_id=state.user_id,
+        version=state.version + 1,
+        items=tuple(items[-window_size:]),
+        last_event_timestamp=max(state.last_event_timestamp, event.timestamp),
+        partition=partition,
+        offset=offset,
+        recent_event_ids=ids,
+    )
