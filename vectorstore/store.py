@@ -1,0 +1,271 @@
+"""Qdrant wrapper: the item index and the users' rationale vectors, one code path for local mode and a server.
+
+Two collections (names from settings), cosine distance:
+
+* items: one point per catalogue item, id ``item_point_id(item_id)``; payload ``item_id, title, year,
+  genres, text_hash``.
+* rationales: one point per user, id ``user_point_id(user_id)``; payload at least ``user_id, rationale,
+  window_version, model_version, timestamp``.
+
+Point ids are uuid5 of the dataset's own ids, so re-indexing or replaying writes the same points again
+instead of adding new ones.
+
+Not thread-safe: Qdrant local mode must not be shared between threads, and :meth:`upsert_rationale`'s
+read-then-write check relies on a single writer. The worker gives the store one dedicated thread.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qdrant_client import QdrantClient, models
+
+from streams.settings import Settings
+
+if TYPE_CHECKING:
+    from streams.datasets import Item
+
+# Fixed namespaces: changing them would orphan every stored point.
+_ITEM_NAMESPACE = uuid.UUID("6f1c5a52-3b0e-5d8a-9a51-7d0b6a3c9e11")
+_USER_NAMESPACE = uuid.UUID("b2e8d4a7-91c3-5f60-8e2d-4a7c1f0b5d23")
+_UPSERT_BATCH = 256
+_READ_BATCH = 512
+_RATIONALE_REQUIRED = ("user_id", "rationale", "window_version", "model_version", "timestamp")
+
+
+def item_point_id(item_id: str) -> str:
+    """Deterministic Qdrant point id of an item."""
+    return str(uuid.uuid5(_ITEM_NAMESPACE, item_id))
+
+
+def user_point_id(user_id: str) -> str:
+    """Deterministic Qdrant point id of a user's rationale (a different namespace from items)."""
+    return str(uuid.uuid5(_USER_NAMESPACE, user_id))
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredItem:
+    item_id: str
+    title: str
+    score: float
+    genres: tuple[str, ...]
+
+
+class StoreLockedError(RuntimeError):
+    """The local-mode directory is held by another client (usually another slimstream process)."""
+
+
+class VectorStore:
+    """Items and rationales in Qdrant: ``QDRANT_URL`` if set, else local mode at ``resolved_qdrant_path``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.items_collection = settings.collection_items
+        self.rationales_collection = settings.collection_rationales
+        self.local = not settings.qdrant_url
+        if settings.qdrant_url:
+            self.location = settings.qdrant_url
+            self.client = QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key)
+        else:
+            path = settings.resolved_qdrant_path
+            path.mkdir(parents=True, exist_ok=True)
+            self.location = str(path)
+            try:
+                self.client = QdrantClient(path=str(path))
+            except RuntimeError as exc:
+                if "already accessed" not in str(exc):
+                    raise
+                raise StoreLockedError(
+                    f"Qdrant local-mode directory {path} is locked: another process (probably another "
+                    "slimstream worker or `slimstream index`) has it open. Local mode allows one process at "
+                    "a time: stop the other one, point QDRANT_PATH elsewhere, or use a Qdrant server "
+                    "(QDRANT_URL)."
+                ) from None
+
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def ensure_collections(self, dim: int) -> None:
+        """Create both collections (cosine, ``dim``) if missing; refuse existing ones of another size."""
+        for name, key in ((self.items_collection, "item_id"), (self.rationales_collection, "user_id")):
+            if self.client.collection_exists(name):
+                size = self._vector_size(name)
+                if size != dim:
+                    raise ValueError(
+                        f"collection {name!r} in {self.location} holds {size}-d vectors but the encoder makes "
+                        f"{dim}-d ones; delete the collection (or use a new QDRANT_PATH) and re-index"
+                    )
+                continue
+            self.client.create_collection(
+                name, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE)
+            )
+            if not self.local:  # local mode has no payload indexes (and warns if asked for one)
+                self.client.create_payload_index(name, key, field_schema=models.PayloadSchemaType.KEYWORD)
+
+    def _vector_size(self, collection: str) -> int:
+        vectors = self.client.get_collection(collection).config.params.vectors
+        if isinstance(vectors, models.VectorParams):
+            return vectors.size
+        raise ValueError(f"collection {collection!r} uses named vectors; expected a single unnamed vector")
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self) -> VectorStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- items -----------------------------------------------------------------------------------------------
+    def existing_item_hashes(self) -> dict[str, str]:
+        """item_id -> text_hash of every indexed item."""
+        return {
+            p["item_id"]: p.get("text_hash", "")
+            for p in self._scroll_payloads(self.items_collection, ["item_id", "text_hash"])
+            if "item_id" in p
+        }
+
+    def upsert_items(self, items: Sequence[Item], vectors: np.ndarray, text_hashes: Sequence[str]) -> None:
+        """Write items with their vectors and text hashes (same order), in batches."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or len(items) != len(vectors) or len(items) != len(text_hashes):
+            raise ValueError(f"upsert_items: {len(items)} items, vectors of shape {vectors.shape}, "
+                             f"{len(text_hashes)} hashes")
+        for start in range(0, len(items), _UPSERT_BATCH):
+            points = [
+                models.PointStruct(
+                    id=item_point_id(item.item_id),
+                    vector=vec.tolist(),
+                    payload={"item_id": item.item_id, "title": item.title, "year": item.year,
+                             "genres": list(item.genres), "text_hash": h},
+                )
+                for item, vec, h in zip(items[start:start + _UPSERT_BATCH], vectors[start:start + _UPSERT_BATCH],
+                                        text_hashes[start:start + _UPSERT_BATCH])
+            ]
+            self.client.upsert(self.items_collection, points=points, wait=True)
+
+    def delete_items(self, item_ids: Collection[str]) -> None:
+        ids = [item_point_id(i) for i in item_ids]
+        for start in range(0, len(ids), _UPSERT_BATCH):
+            self.client.delete(self.items_collection,
+                               points_selector=models.PointIdsList(points=ids[start:start + _UPSERT_BATCH]),
+                               wait=True)
+
+    def get_item_vectors(self, item_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """Stored (unit) vectors of those ``item_ids`` that are indexed; unknown ids are left out."""
+        return {
+            rec.payload["item_id"]: np.asarray(rec.vector, dtype=np.float32)
+            for rec in self._retrieve(self.items_collection, [item_point_id(i) for i in item_ids],
+                                      with_payload=["item_id"], with_vectors=True)
+            if rec.payload and rec.vector is not None
+        }
+
+    def get_items(self, item_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """item_id -> payload (title, year, genres, ...) of the indexed ones among ``item_ids``."""
+        return {
+            rec.payload["item_id"]: dict(rec.payload)
+            for rec in self._retrieve(self.items_collection, [item_point_id(i) for i in item_ids],
+                                      with_payload=True, with_vectors=False)
+            if rec.payload
+        }
+
+    def search_items(self, query: np.ndarray, exclude_item_ids: Collection[str], limit: int) -> list[ScoredItem]:
+        """The ``limit`` items closest to ``query`` (cosine), never one of ``exclude_item_ids``.
+
+        The exclusion is a ``must_not`` filter in Qdrant; the ids are also dropped client-side, with a few
+        extra hits fetched to make up for them, so a filter that did not apply can never leak a seen item.
+        A zero query has no direction and returns no items.
+        """
+        q = np.asarray(query, dtype=np.float32).reshape(-1)
+        if not np.all(np.isfinite(q)):
+            raise ValueError("search_items: query vector has NaN or infinite values")
+        if limit < 1 or not np.any(q):
+            return []
+        exclude = set(exclude_item_ids)
+        flt = None
+        if exclude:
+            flt = models.Filter(must_not=[models.FieldCondition(key="item_id",
+                                                               match=models.MatchAny(any=sorted(exclude)))])
+        hits = self.client.query_points(
+            self.items_collection,
+            query=q.tolist(),
+            query_filter=flt,
+            limit=limit + min(len(exclude), 64),
+            with_payload=["item_id", "title", "genres"],
+            with_vectors=False,
+        ).points
+        out: list[ScoredItem] = []
+        for h in hits:
+            p = h.payload or {}
+            item_id = p.get("item_id")
+            if item_id is None or item_id in exclude:
+                continue
+            out.append(ScoredItem(item_id=item_id, title=p.get("title", item_id), score=float(h.score),
+                                  genres=tuple(p.get("genres") or ())))
+            if len(out) == limit:
+                break
+        return out
+
+    # -- rationales ------------------------------------------------------------------------------------------
+    def get_rationale(self, user_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """(unit vector, payload) of the user's stored rationale, or None."""
+        recs = self.client.retrieve(self.rationales_collection, ids=[user_point_id(user_id)],
+                                    with_payload=True, with_vectors=True)
+        if not recs or recs[0].vector is None:
+            return None
+        return np.asarray(recs[0].vector, dtype=np.float32), dict(recs[0].payload or {})
+
+    def upsert_rationale(self, user_id: str, vector: np.ndarray, payload: dict[str, Any]) -> bool:
+        """Store the user's rationale unless a newer one (greater ``window_version``) is already stored.
+
+        Returns False, writing nothing, when the stored window_version is greater: a replayed event or a
+        slow student answer must not clobber a fresher rationale. An equal version is overwritten (same
+        window, e.g. a re-run). Read-then-write is safe because the store has a single writer thread.
+        """
+        missing = [k for k in _RATIONALE_REQUIRED if k not in payload]
+        if missing:
+            raise ValueError(f"rationale payload lacks {', '.join(missing)}")
+        if payload["user_id"] != user_id:
+            raise ValueError(f"rationale payload is for user {payload['user_id']!r}, not {user_id!r}")
+        version = payload["window_version"]
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"window_version must be an int, got {version!r}")
+        vec = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if not np.all(np.isfinite(vec)) or not np.any(vec):
+            raise ValueError("rationale vector must be finite and non-zero")
+        current = self.client.retrieve(self.rationales_collection, ids=[user_point_id(user_id)],
+                                       with_payload=["window_version"], with_vectors=False)
+        if current and (current[0].payload or {}).get("window_version", -1) > version:
+            return False
+        self.client.upsert(self.rationales_collection, wait=True, points=[
+            models.PointStruct(id=user_point_id(user_id), vector=vec.tolist(), payload=dict(payload))
+        ])
+        return True
+
+    def rationale_points(self) -> list[dict[str, Any]]:
+        """Payloads of all stored rationales (for tests and operations)."""
+        return list(self._scroll_payloads(self.rationales_collection, True))
+
+    # -- misc ------------------------------------------------------------------------------------------------
+    def count(self, collection: str) -> int:
+        return self.client.count(collection, exact=True).count
+
+    def _retrieve(self, collection: str, ids: list[str], **kwargs: Any) -> list[models.Record]:
+        out: list[models.Record] = []
+        ids = list(dict.fromkeys(ids))  # a window may hold the same item twice
+        for start in range(0, len(ids), _READ_BATCH):
+            out.extend(self.client.retrieve(collection, ids=ids[start:start + _READ_BATCH], **kwargs))
+        return out
+
+    def _scroll_payloads(self, collection: str, with_payload: bool | list[str]) -> Iterator[dict[str, Any]]:
+        offset = None
+        while True:
+            records, offset = self.client.scroll(collection, limit=_READ_BATCH, offset=offset,
+                                                 with_payload=with_payload, with_vectors=False)
+            for rec in records:
+                yield dict(rec.payload or {})
+            if offset is None:
+                return
