@@ -1,8 +1,10 @@
-"""The worker's single :class:`Runtime`, started with the app and closed with it."""
+"""The worker's single :class:`Runtime`, started and stopped with the app as a Faust service."""
 
 from __future__ import annotations
 
 import logging
+
+from mode import Service
 
 from agents.runtime import Runtime
 from streams.app import app, settings
@@ -11,16 +13,19 @@ log = logging.getLogger(__name__)
 runtime = Runtime(settings)
 
 
-@app.task
-async def start_runtime() -> None:
-    try:
-        await runtime.start()
-    except Exception:
-        log.exception("worker runtime failed to start; stopping")
-        await app.stop()
-        raise
+@app.service
+class RuntimeService(Service):
+    async def on_start(self) -> None:
+        # Load in the background: the consumer joins its group meanwhile and the agents wait on
+        # runtime.store_ready / models_ready before touching an event.
+        self.add_future(self._start())
 
+    async def _start(self) -> None:
+        try:
+            await runtime.start()
+        except Exception:
+            log.exception("worker runtime failed to start; stopping")
+            await app.crash(RuntimeError("runtime failed to start"))
 
-@app.on_shutdown.connect
-async def close_runtime(app_: object, **kwargs: object) -> None:
-    runtime.close()
+    async def on_stop(self) -> None:
+        runtime.close()

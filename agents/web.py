@@ -17,6 +17,9 @@ class Health(View):
             "store_ready": runtime.store_ready.is_set(),
             "models_ready": runtime.models_ready.is_set(),
             "student": runtime.student.model_version if runtime.student else None,
+            # Table state is complete only once changelog recovery has finished.
+            "recovery_completed": app.tables.recovery.completed.is_set(),
+            "assigned_partitions": len(app.assignor.assigned_actives()),
             "uptime_s": round(time.time() - runtime.started_at, 1),
         })
 

@@ -68,6 +68,6 @@ rationale_requests_topic = app.topic(
 
 # user_id -> WindowState as a JSON dict. Co-partitioned with interactions and rationale requests.
 windows = app.Table(
-    WINDOWS_TABLE, default=None, partitions=settings.topic_partitions, key_type=str, value_type=None,
-    key_serializer="json", value_serializer="json",
+    WINDOWS_TABLE, default=None, partitions=settings.topic_partitions,
+    schema=faust.Schema(key_type=str, value_type=None, key_serializer="json", value_serializer="json"),
 )

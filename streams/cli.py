@@ -293,9 +293,9 @@ def main(argv: list[str] | None = None) -> None:
         message = " ".join(exc.format_message().split())
         print(f"slimstream: error: {message}", file=sys.stderr)
         sys.exit(2)
-    except click_exc.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
-    except (click_exc.Exit, typer.Exit) as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
 
 

@@ -1,0 +1,134 @@
+"""Fixtures that start the real components: the Tansu broker, Qdrant local mode, worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from streams.broker import EmbeddedBroker, free_port
+from streams.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Shared across the session: the ONNX export and the student cache are built once."""
+    return tmp_path_factory.mktemp("slimstream-data")
+
+
+@pytest.fixture(scope="session")
+def indexed_qdrant(data_dir: Path) -> Path:
+    """A Qdrant local-mode directory holding the full ML-1M catalogue, indexed once per session."""
+    from models.encoder import load_encoder
+    from streams.datasets import load_items
+    from vectorstore.catalogue import index_catalogue
+    from vectorstore.store import VectorStore
+
+    path = data_dir / "qdrant"
+    settings = Settings(data_dir=data_dir, qdrant_path=str(path))
+    encoder = load_encoder(settings)
+    store = VectorStore(settings)
+    try:
+        store.ensure_collections(encoder.dim)
+        index_catalogue(store, encoder, load_items("ml-1m"))
+    finally:
+        store.close()
+    return path
+
+
+@pytest.fixture
+def broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker() as b:
+        yield b
+
+
+def run(coro):  # type: ignore[no-untyped-def]
+    return asyncio.run(coro)
+
+
+class WorkerProcess:
+    """``slimstream worker`` in a subprocess, configured by env vars like in production."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.port = int(env["SLIMSTREAM_WEB_PORT"])
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 240.0) -> "WorkerProcess":
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_until(lambda h: h["models_ready"] and h["recovery_completed"] and h["assigned_partitions"] > 0,
+                        timeout)
+        return self
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def get_or_none(self, path: str) -> dict | None:
+        try:
+            return self.get(path)
+        except Exception:
+            return None
+
+    def wait_until(self, predicate, timeout: float) -> dict:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited with {self.proc.returncode}:\n{self.log_tail()}")
+            health = self.get_or_none("/healthz/")
+            if health is not None and predicate(health):
+                return health
+            time.sleep(0.5)
+        raise AssertionError(f"worker not ready after {timeout}s:\n{self.log_tail()}")
+
+    def metrics(self) -> dict:
+        return self.get("/metrics/")
+
+    def log_tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "<no log>"
+
+    def stop(self, timeout: float = 60.0) -> int:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return proc.returncode if proc else 0
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError(f"worker did not stop within {timeout}s:\n{self.log_tail()}")
+
+
+def worker_env(broker: EmbeddedBroker, data_dir: Path, qdrant_path: Path, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSTREAM_") and k not in (
+        "KAFKA_BOOTSTRAP_SERVERS", "QDRANT_URL", "QDRANT_PATH")}
+    env.update({
+        "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+        "QDRANT_PATH": str(qdrant_path),
+        "SLIMSTREAM_DATA_DIR": str(data_dir),
+        "SLIMSTREAM_WEB_PORT": str(free_port()),
+        "SLIMSTREAM_STUDENT_MAX_NEW_TOKENS": "64",
+        "SLIMSTREAM_STUDENT_BATCH_WAIT_S": "0.3",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(overrides)
+    return env

@@ -1,0 +1,48 @@
+"""Small aiokafka helpers for tests: publish records, read a topic until a condition holds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.structs import ConsumerRecord
+
+
+async def publish(bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes]], linger_ms: int = 20) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms)
+    await producer.start()
+    try:
+        futures = [await producer.send(topic, value, key=key) for key, value in records]
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def event(user: str, item: str, ts: float, **extra: object) -> tuple[bytes, bytes]:
+    body = {"user_id": user, "item_id": item, "event_type": "rating", "value": 4.0, "timestamp": ts, **extra}
+    return user.encode(), json.dumps(body).encode()
+
+
+async def read_until(
+    bootstrap: str, topic: str, done: Callable[[list[ConsumerRecord]], bool], timeout: float
+) -> list[ConsumerRecord]:
+    """All records of ``topic`` from the beginning, read until ``done(records)`` or the timeout."""
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    records: list[ConsumerRecord] = []
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    try:
+        while not done(records):
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            batch = await consumer.getmany(timeout_ms=int(min(left, 1.0) * 1000))
+            for tp_records in batch.values():
+                records.extend(tp_records)
+    finally:
+        await consumer.stop()
+    return records

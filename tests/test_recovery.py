@@ -1,0 +1,88 @@
+"""A restarted worker continues every user's window from the changelog, exactly.
+
+Tansu answers ListOffsets(latest) with the last *batch's* base offset + 1. When changelog records are
+batched, Faust's recovery believes it has reached the end early and silently drops the rest of the last
+batch. The worker sends one record per batch on Tansu (``one_record_per_batch``); this test compares,
+for every user, the recovered window with the window recomputed from the interactions topic with the
+worker's own rules, so a single lost changelog update fails it. The control case turns the setting off
+and shows the comparison does catch the loss.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from streams.broker import EmbeddedBroker
+from streams.datasets import load_interactions
+from streams.events import InvalidEvent, parse_event
+from streams.settings import Settings
+from streams.window import WindowState, apply_event, is_duplicate
+from tests.conftest import WorkerProcess, run, worker_env
+from tests.kafka_io import event, publish, read_until
+
+pytestmark = pytest.mark.slow
+S = Settings()
+USERS, EVENTS_PER_USER = 12, 15
+
+
+def expected_windows(bootstrap: str, n_events: int) -> dict[str, WindowState]:
+    records = run(read_until(bootstrap, S.topic_interactions, lambda r: len(r) >= n_events, 60))
+    assert len(records) == n_events
+    states: dict[str, WindowState] = {}
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        try:
+            ev = parse_event(r.value, S.max_event_bytes)
+        except InvalidEvent:
+            continue
+        state = states.get(ev.user_id)
+        if not is_duplicate(state, ev, r.partition, r.offset):
+            states[ev.user_id] = apply_event(state, ev, r.partition, r.offset, S.window_size, S.recent_event_ids)
+    return states
+
+
+def histories() -> dict[str, list]:
+    by_user: dict[str, list] = defaultdict(list)
+    for it in load_interactions("ml-1m")[:30_000]:
+        by_user[it.user_id].append(it)
+    picked = [u for u, v in by_user.items() if len(v) >= EVENTS_PER_USER][:USERS]
+    return {u: sorted(by_user[u], key=lambda i: i.timestamp)[:EVENTS_PER_USER] for u in picked}
+
+
+def restart_and_compare(tmp_path: Path, data_dir: Path, qdrant: Path, **env: str) -> dict[str, tuple]:
+    """Fill windows, restart the worker, return {user: (recovered, expected)} for the users that differ."""
+    with EmbeddedBroker() as broker:
+        worker = WorkerProcess(worker_env(broker, data_dir, qdrant, **env), tmp_path / "worker.log")
+        worker.start()
+        hist = histories()
+        # Interleave users and send in bursts so the worker's changelog writes go out many at a time.
+        records = [event(u, h[k].item_id, h[k].timestamp, event_id=f"{u}-{k}")
+                   for k in range(EVENTS_PER_USER) for u, h in hist.items()]
+        run(publish(broker.bootstrap_servers, S.topic_interactions, records, linger_ms=50))
+        total = len(records)
+        worker.wait_until(lambda h: worker.metrics().get("events_applied", 0) >= total, 120)
+        before = {u: worker.get(f"/window/{u}/") for u in hist}
+        assert worker.stop() == 0, worker.log_tail()
+
+        worker.start()
+        after = {u: worker.get_or_none(f"/window/{u}/") for u in hist}
+        worker.stop()
+        expected = expected_windows(broker.bootstrap_servers, total)
+
+    assert set(expected) == set(hist)
+    for u in hist:  # before the restart the live table was right: any difference is recovery's
+        assert WindowState.model_validate(before[u]) == expected[u]
+    return {u: (after[u], expected[u]) for u in hist
+            if after[u] is None or "error" in after[u] or WindowState.model_validate(after[u]) != expected[u]}
+
+
+def test_restarted_worker_recovers_every_window_exactly(tmp_path, data_dir, indexed_qdrant) -> None:
+    diff = restart_and_compare(tmp_path, data_dir, indexed_qdrant)
+    assert not diff, {u: (a and a.get("version"), e.version) for u, (a, e) in diff.items()}
+
+
+def test_control_batched_changelog_loses_updates_on_tansu(tmp_path, data_dir, indexed_qdrant) -> None:
+    diff = restart_and_compare(tmp_path, data_dir, indexed_qdrant, SLIMSTREAM_ONE_RECORD_PER_BATCH="false")
+    assert diff, "with batched changelog writes Tansu's ListOffsets answer should make recovery drop updates"
