@@ -33,6 +33,7 @@ def create_app(settings: Settings) -> faust.App:
         broker_session_timeout=settings.broker_session_timeout_s,
         broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
         broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
+        producer_linger=settings.producer_linger_ms / 1000.0,
         broker_commit_every=100,
         broker_commit_interval=1.0,
         web_enabled=settings.web_enabled,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -51,7 +52,18 @@ def worker(
     import agents  # noqa: F401  (registers the agents)
     from streams.app import app
 
-    Worker(app, loglevel=log_level.lower(), quiet=True).execute_from_commandline()
+    code = 0
+    try:
+        Worker(app, loglevel=log_level.lower(), quiet=True).execute_from_commandline()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    # Faust has stopped every service and flushed the producer. A model call may still be running in a
+    # pool thread (threads cannot be interrupted); its request was not acknowledged and will be redelivered,
+    # so exit now instead of letting the interpreter join that thread.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # --- index-items -----------------------------------------------------------------------------------------

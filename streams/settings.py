@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     # several records is partly invisible to Faust's recovery. One record per produce batch makes the
     # reported offset exact. Set false on Apache Kafka for throughput.
     one_record_per_batch: bool = Field(True, description="Send each record as its own batch (Tansu-safe).")
+    producer_linger_ms: int = Field(0, ge=0, description="Producer linger: higher batches more records per request.")
     broker_session_timeout_s: float = 10.0
     broker_rebalance_timeout_s: float = 10.0
     broker_heartbeat_interval_s: float = 1.0
