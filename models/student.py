@@ -56,14 +56,14 @@ _SENTENCE_END = re.compile(r"[.!?\u2026][\"')\]\u201d\u2019*]*(?=\s|$)")
 _LIST_NUMBER = re.compile(r"(?m)^\s*\d{1,3}[.)]\Z")
 
 
-def postprocess_rationale(text: str, *, truncated: bool = True) -> str:
+def postprocess_rationale(text: str, *, truncated: bool = False) -> str:
     """Trim a generated rationale to its three steps.
 
-    Drops any preamble before "Step 1", anything from a "Step 4" (or a restarted "Step 1") on, and, when
-    the text was cut by the token limit (``truncated``), the incomplete sentence or line at the end.
-    Pass ``truncated=False`` for text that ended on its own (a stop token): its last line is complete.
-    :meth:`TransformersStudent.generate` already applies this, with the right flag. Never returns an empty
-    string for input with content.
+    Drops any preamble before "Step 1" and anything from a "Step 4" (or a restarted "Step 1") on. With
+    ``truncated=True`` (the text was cut by the token limit) it also drops the incomplete sentence or line
+    at the end. :meth:`TransformersStudent.generate` already applies this with the right flag; with the
+    default ``truncated=False`` a second application changes nothing. Never returns an empty string for
+    input with content.
     """
     text = text.strip()
     if not text:

@@ -30,15 +30,14 @@ BATCH = [build_slim_messages(ANIMATION, 20), build_slim_messages(CRIME, 20)]
 
 def test_postprocess_drops_the_incomplete_last_sentence() -> None:
     text = "Step 1: Likes animation. Step 2: Musicals.\nStep 3: Recommend Mulan and Hercules, which are"
-    assert postprocess_rationale(text) == "Step 1: Likes animation. Step 2: Musicals."
-    assert postprocess_rationale(text, truncated=False) == text
-    assert postprocess_rationale(postprocess_rationale(text)) == postprocess_rationale(text)
+    assert postprocess_rationale(text, truncated=True) == "Step 1: Likes animation. Step 2: Musicals."
+    assert postprocess_rationale(text) == text  # ended on its own: the last line is complete
 
 
 def test_postprocess_drops_the_cut_line_of_a_list() -> None:
     text = "1. Heat (1995) — Crime\n2. Casino (1995) — Drama\n3. Ronin (19"
-    assert postprocess_rationale(text) == "1. Heat (1995) — Crime\n2. Casino (1995) — Drama"
-    assert postprocess_rationale("1. Heat\n2.") == "1. Heat"  # a list number is no full stop
+    assert postprocess_rationale(text, truncated=True) == "1. Heat (1995) — Crime\n2. Casino (1995) — Drama"
+    assert postprocess_rationale("1. Heat\n2.", truncated=True) == "1. Heat"  # a list number is no full stop
 
 
 def test_postprocess_keeps_steps_only() -> None:
@@ -52,9 +51,10 @@ def test_postprocess_keeps_steps_only() -> None:
 
 def test_postprocess_never_empties_content() -> None:
     assert postprocess_rationale("  ") == ""
-    assert postprocess_rationale("no full stop at all") == "no full stop at all"
-    assert postprocess_rationale("Step 4: only a later step") == "Step 4: only a later step"
-    assert postprocess_rationale("Rated 4.5 by") == "Rated 4.5 by"
+    for truncated in (False, True):
+        assert postprocess_rationale("no full stop at all", truncated=truncated) == "no full stop at all"
+        assert postprocess_rationale("Step 4: only a later step", truncated=truncated) == "Step 4: only a later step"
+        assert postprocess_rationale("Rated 4.5 by", truncated=truncated) == "Rated 4.5 by"
 
 
 # ---- the real model ---------------------------------------------------------------------------------------
@@ -100,6 +100,7 @@ def test_batch_gives_one_rationale_per_window(batch_output: list[str]) -> None:
     assert len(batch_output) == 2
     assert all(r.strip() for r in batch_output)
     assert batch_output[0] != batch_output[1]
+    assert [postprocess_rationale(r) for r in batch_output] == batch_output  # already post-processed
 
 
 @pytest.mark.slow
