@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -195,8 +196,14 @@ def up(
     max_events: Annotated[int, typer.Option(min=1, help="stop replaying after this many events")] = 400,
     seed: Annotated[int, typer.Option(help="user sample seed")] = 7,
     port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="broker port (default: a free one)")] = None,
+    follow: Annotated[bool, typer.Option(help="keep running after the replay's rationales arrived")] = False,
+    wait: Annotated[float, typer.Option(min=1, help="seconds to wait for the last rationales after the replay")] = 900,
 ) -> None:
-    """Run everything on this machine: Tansu broker, Qdrant local mode, catalogue, worker, and a replay."""
+    """Run everything on this machine: Tansu broker, Qdrant local mode, catalogue, worker, and a replay.
+
+    Stops by itself once every replayed user has a recommendation with a rationale for their final window
+    (or after --wait seconds), unless --follow is given; Ctrl-C stops everything at any time.
+    """
     from streams.broker import EmbeddedBroker
 
     base = get_settings()
@@ -220,7 +227,7 @@ def up(
         worker_proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env,
                                        stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
         console.print(f"worker started (pid {worker_proc.pid}, log {logs / 'worker.log'}); Ctrl-C stops everything")
-        asyncio.run(_replay_and_show(settings, users, rate, max_events, seed, worker_proc))
+        asyncio.run(_replay_and_show(settings, users, rate, max_events, seed, worker_proc, follow, wait))
     except KeyboardInterrupt:
         console.print("\nstopping ...")
     finally:
@@ -244,15 +251,24 @@ def _stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
 
 
 async def _replay_and_show(settings: Settings, users: int, rate: float, max_events: int, seed: int,
-                           worker_proc: subprocess.Popen[bytes]) -> None:
+                           worker_proc: subprocess.Popen[bytes], follow: bool, wait: float) -> None:
     from aiokafka import AIOKafkaConsumer
 
     from streams.datasets import load_interactions, sample_users
     from streams.events import Recommendation
     from streams.replay import interaction_to_event, publish, start_producer
 
-    sample = sample_users(load_interactions(settings.dataset), users, seed)[:max_events]
-    events = [interaction_to_event(i.user_id, i.item_id, i.rating, i.timestamp) for i in sample]
+    # Each user's first max_events/users interactions, merged in timestamp order: a plain prefix of the
+    # time-ordered sample would often be one user's whole history.
+    per_user = max(1, max_events // users)
+    taken: Counter[str] = Counter()
+    events = []
+    for i in sample_users(load_interactions(settings.dataset), users, seed):
+        if taken[i.user_id] < per_user:
+            taken[i.user_id] += 1
+            events.append(interaction_to_event(i.user_id, i.item_id, i.rating, i.timestamp))
+    final_version = dict(taken)  # replayed ML events are distinct, so the window version = event count
+    explained: set[str] = set()
     consumer = AIOKafkaConsumer(settings.topic_recommendations, bootstrap_servers=settings.kafka_bootstrap_servers,
                                 auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
     await consumer.start()
@@ -269,16 +285,25 @@ async def _replay_and_show(settings: Settings, users: int, rate: float, max_even
                     stats[rec.path.value] += 1
                     if rec.path.value == "slow":
                         progress.update(slow_task, advance=1)
+                        if rec.rationale_window_version == final_version.get(rec.user_id):
+                            explained.add(rec.user_id)
                     show_recommendation(rec, progress.console)
 
             shower = asyncio.create_task(show())
             await publish(producer, settings.topic_interactions, events, rate,
                           on_sent=lambda ev: progress.update(sent_task, advance=1))
             progress.update(sent_task, description="replay done; waiting for rationales")
+            deadline = asyncio.get_running_loop().time() + wait
             while worker_proc.poll() is None and not shower.done():
-                await asyncio.sleep(1.0)
+                if not follow and (explained >= set(final_version) or asyncio.get_running_loop().time() > deadline):
+                    break
+                await asyncio.sleep(0.5)
+            shower.cancel()
             if worker_proc.poll() is not None:
                 _fail(f"worker exited with code {worker_proc.returncode}; see {settings.data_dir / 'logs/worker.log'}")
+        console.print(f"{len(events)} events from {len(final_version)} users -> {stats['fast']} fast-path and "
+                      f"{stats['slow']} slow-path recommendations; {len(explained)}/{len(final_version)} users "
+                      "have a rationale for their final window")
     finally:
         await producer.stop()
         await consumer.stop()
