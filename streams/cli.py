@@ -28,7 +28,6 @@ from streams.settings import Settings, get_settings
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="slimstream: SLIM rationales as a streaming recommender.")
 console = Console(stderr=False)
-err = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -124,7 +123,7 @@ def produce(
     for line, ev in read_event_file(file):
         if isinstance(ev, str):
             bad += 1
-            err.print(f"{file}:{line}: skipped: {ev}", markup=False, highlight=False)
+            print(f"{file}:{line}: skipped: {ev}", file=sys.stderr)
         else:
             good.append(ev)
 
@@ -325,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: click's usage errors become one line and exit code 2."""
     command = typer.main.get_command(cli)
     try:
-        command.main(args=argv, prog_name="slimstream", standalone_mode=False)
+        result = command.main(args=argv, prog_name="slimstream", standalone_mode=False)
     except click_exc.UsageError as exc:  # includes BadParameter, NoSuchOption, MissingParameter
         message = " ".join(exc.format_message().split())
         print(f"slimstream: error: {message}", file=sys.stderr)
@@ -334,6 +333,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    # Without standalone mode click returns an Exit's code instead of exiting.
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":
