@@ -107,6 +107,18 @@ def test_malformed_events_go_to_dead_letter_and_stream_goes_on(stream_broker, st
     assert {1, 2, 3} <= versions  # the three valid events around the bad ones were all applied
 
 
+def test_event_under_wrong_key_is_rekeyed_not_lost(stream_broker, stream_worker, catalogue_ids) -> None:
+    user = "rekey-user"
+    item = sorted(catalogue_ids)[10]
+    _, value = event(user, item, 2000.0)
+    run(publish(stream_broker.bootstrap_servers, S.topic_interactions, [(b"someone-else", value), (None, value)]))
+    recs = run(read_until(stream_broker.bootstrap_servers, S.topic_recommendations,
+                          lambda r: len(recs_for(r, user)) >= 1, 120))
+    mine = recs_for(recs, user)
+    assert mine and mine[0].window_version == 1 and item not in {i.item_id for i in mine[0].items}
+    assert stream_worker.metrics()["rekeyed"] >= 2
+
+
 def test_burst_is_coalesced_into_few_student_calls(stream_broker, stream_worker, ml1m_histories) -> None:
     history = next(iter(ml1m_histories.values()))[:20]
     user = "burst-user"
