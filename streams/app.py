@@ -50,22 +50,18 @@ def create_app(settings: Settings) -> faust.App:
 settings = get_settings()
 app = create_app(settings)
 
-interactions_topic = app.topic(
-    settings.topic_interactions, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-    partitions=settings.topic_partitions,
-)
-recommendations_topic = app.topic(
-    settings.topic_recommendations, key_type=bytes, value_type=bytes, key_serializer="raw",
-    value_serializer="raw", partitions=settings.topic_partitions,
-)
-dead_letter_topic = app.topic(
-    settings.topic_dead_letter, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-    partitions=settings.topic_partitions,
-)
-rationale_requests_topic = app.topic(
-    settings.topic_rationale_requests, key_type=bytes, value_type=bytes, key_serializer="raw",
-    value_serializer="raw", partitions=settings.topic_partitions,
-)
+
+def _bytes_topic(name: str) -> faust.TopicT:
+    """Keys and values stay bytes: the agents validate and serialise with the pydantic contracts themselves,
+    so a malformed record reaches the agent (and the dead-letter topic) instead of failing in Faust's codec."""
+    return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
+                     partitions=settings.topic_partitions)
+
+
+interactions_topic = _bytes_topic(settings.topic_interactions)
+recommendations_topic = _bytes_topic(settings.topic_recommendations)
+dead_letter_topic = _bytes_topic(settings.topic_dead_letter)
+rationale_requests_topic = _bytes_topic(settings.topic_rationale_requests)
 
 # user_id -> WindowState as a JSON dict. Co-partitioned with interactions and rationale requests.
 windows = app.Table(
