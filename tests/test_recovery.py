@@ -81,11 +81,16 @@ def restart_and_compare(tmp_path: Path, data_dir: Path, qdrant: Path, **env: str
             if after[u] is None or "error" in after[u] or WindowState.model_validate(after[u]) != expected[u]}
 
 
-def test_restarted_worker_recovers_every_window_exactly(tmp_path, data_dir, indexed_qdrant) -> None:
-    diff = restart_and_compare(tmp_path, data_dir, indexed_qdrant)
+@pytest.mark.parametrize("partitions", ["4", "1"])
+def test_restarted_worker_recovers_every_window_exactly(tmp_path, data_dir, indexed_qdrant, partitions) -> None:
+    diff = restart_and_compare(tmp_path, data_dir, indexed_qdrant, SLIMSTREAM_TOPIC_PARTITIONS=partitions)
     assert not diff, {u: (a and a.get("version"), e.version) for u, (a, e) in diff.items()}
 
 
 def test_control_batched_changelog_loses_updates_on_tansu(tmp_path, data_dir, indexed_qdrant) -> None:
-    diff = restart_and_compare(tmp_path, data_dir, indexed_qdrant, SLIMSTREAM_ONE_RECORD_PER_BATCH="false")
+    # Faust ends recovery when every partition reached its (mis)reported end; the rest of the last batch of
+    # the partition that finishes last is then buffered and never applied. With one partition that
+    # partition is always the last one, so the loss is deterministic.
+    diff = restart_and_compare(tmp_path, data_dir, indexed_qdrant, SLIMSTREAM_ONE_RECORD_PER_BATCH="false",
+                               SLIMSTREAM_TOPIC_PARTITIONS="1")
     assert diff, "with batched changelog writes Tansu's ListOffsets answer should make recovery drop updates"
