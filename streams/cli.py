@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from aiokafka.errors import KafkaConnectionError
 from typer._click import exceptions as click_exc  # typer >= 0.29 vendors click
 from rich.console import Console
 from rich.panel import Panel
@@ -160,7 +161,11 @@ async def _tail(settings: Settings, from_beginning: bool, as_json: bool, limit: 
     consumer = AIOKafkaConsumer(settings.topic_recommendations, bootstrap_servers=settings.kafka_bootstrap_servers,
                                 auto_offset_reset="earliest" if from_beginning else "latest",
                                 enable_auto_commit=False, group_id=None)
-    await consumer.start()
+    try:
+        await consumer.start()
+    except KafkaConnectionError:
+        await consumer.stop()
+        raise
     n = 0
     try:
         async for msg in consumer:
@@ -331,6 +336,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
+    except KafkaConnectionError as exc:
+        settings = get_settings()
+        print(f"slimstream: error: cannot reach Kafka at {settings.kafka_bootstrap_servers} "
+              f"(KAFKA_BOOTSTRAP_SERVERS): {exc}", file=sys.stderr)
+        sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     # Without standalone mode click returns an Exit's code instead of exiting.
