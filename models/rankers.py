@@ -9,8 +9,12 @@ caught up (fast path), with weights from settings.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from retrain.splits import TrainingData
 
 
 def _normalise(v: np.ndarray) -> np.ndarray:
@@ -47,3 +51,87 @@ def blend_query(
         return _normalise(np.asarray(rationale_vector, dtype=np.float32))
     r = _normalise(np.asarray(rationale_vector, dtype=np.float32))
     return _normalise(rationale_weight * r + (1.0 - rationale_weight) * recent_vector)
+
+
+# --- offline evaluation: the Ranker protocol --------------------------------------------------------------
+# Every method the evaluation harness (retrain/evaluate.py) compares implements this: the baselines
+# (models/baselines.py, models/sasrec.py), the text ranker below, and later the rationale-based SLIM methods.
+# Item indices are the contiguous ones of retrain.splits (0 = padding); score arrays have n_items + 1
+# columns so that column i is item i.
+
+
+@runtime_checkable
+class Ranker(Protocol):
+    """A recommender under offline evaluation.
+
+    ``fit`` receives only training sequences and validation targets (never test targets). ``score`` receives
+    user indices and, for each, the history the model may see in the current phase (validation: the training
+    sequence; test: training sequence + validation item), oldest first. It returns float scores of shape
+    ``(len(users), n_items + 1)``, higher = better; column 0 (padding) and history items are ignored by the
+    harness, so a ranker need not mask them. The harness calls ``score`` in batches of users.
+    """
+
+    name: str
+
+    def fit(self, data: "TrainingData") -> None: ...
+
+    def score(self, users: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray: ...
+
+
+@runtime_checkable
+class UserVectors(Protocol):
+    """Turns (users, the histories they may be judged on) into one query vector per user, in the item-text
+    embedding space. The rationale-based SLIM methods implement this: prompt the (student) LLM with the
+    history, embed the rationale. ``fit`` may precompute (e.g. generate rationales for a user sample)."""
+
+    name: str
+
+    def fit(self, data: "TrainingData") -> None: ...
+
+    def __call__(self, users: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray: ...
+
+
+class HistoryMeanVectors:
+    """The mean of the text vectors of a user's last ``max_items`` history items, renormalised.
+
+    No LLM: this is the floor a rationale has to beat, since the rationale is written from the same items.
+    """
+
+    def __init__(self, item_vectors: np.ndarray, max_items: int | None = None) -> None:
+        self.item_vectors = np.asarray(item_vectors, dtype=np.float32)
+        self.max_items = max_items
+        self.name = "item-text mean (no LLM)" if max_items is None else f"item-text mean of last {max_items} (no LLM)"
+
+    def fit(self, data: "TrainingData") -> None:
+        """Nothing to learn."""
+
+    def __call__(self, users: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        out = np.zeros((len(histories), self.item_vectors.shape[1]), dtype=np.float32)
+        for row, hist in enumerate(histories):
+            recent = hist if self.max_items is None else hist[-self.max_items:]
+            if len(recent):
+                out[row] = _normalise(self.item_vectors[recent].mean(axis=0))
+        return out
+
+
+class TextRanker:
+    """ID-agnostic retrieval: cosine between a per-user query vector and every item's text vector.
+
+    ``item_vectors`` is ``(n_items + 1, dim)`` with unit rows (row 0, padding, is ignored). The query comes
+    from ``user_vectors``: :class:`HistoryMeanVectors` now, a rationale embedding for SLIM. Nothing here uses
+    item ids or interaction counts, so it ranks never-interacted items exactly like popular ones.
+    """
+
+    def __init__(self, item_vectors: np.ndarray, user_vectors: UserVectors, name: str | None = None) -> None:
+        self.item_vectors = np.asarray(item_vectors, dtype=np.float32)
+        self.user_vectors = user_vectors
+        self.name = name or user_vectors.name
+
+    def fit(self, data: "TrainingData") -> None:
+        if self.item_vectors.shape[0] != data.n_items + 1:
+            raise ValueError(f"{self.item_vectors.shape[0]} item vectors for {data.n_items} items + padding")
+        self.user_vectors.fit(data)
+
+    def score(self, users: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        queries = np.asarray(self.user_vectors(users, histories), dtype=np.float32)
+        return queries @ self.item_vectors.T
