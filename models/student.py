@@ -129,12 +129,38 @@ def _valid_cache(path: Path) -> bool:
     return (path / _CACHE_MARKER).is_file()
 
 
+def student_gguf_path(settings: Settings | None = None) -> Path:
+    """The student's GGUF file (``student_model_dir`` / ``student_gguf_file``); raises if it is missing."""
+    return _gguf_path(settings or get_settings())
+
+
+def load_base_model(
+    settings: Settings | None = None, *, use_cache: bool = True
+) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, str]:
+    """``(tokenizer, model, loaded_from)``: the de-quantized float32 base model, through the same GGUF /
+    safetensors-cache path as :class:`TransformersStudent` (``loaded_from`` is ``"gguf"`` or ``"cache"``).
+    The model is returned as loaded (no special-token set-up, not in eval mode): distillation trains it.
+    """
+    settings = settings or get_settings()
+    return TransformersStudent._load_weights(settings, _gguf_path(settings), use_cache)
+
+
+def adapter_name(adapter_dir: str | os.PathLike[str]) -> str:
+    """The name an adapter adds to ``model_version``: its directory name, or, for the model registry's
+    ``<registry>/<version>/adapter/`` layout (a ``manifest.json`` beside it), the version."""
+    path = Path(adapter_dir).resolve()
+    if path.name == "adapter" and (path.parent / "manifest.json").is_file():
+        return path.parent.name
+    return path.name
+
+
 class TransformersStudent:
     """SmolLM2-135M-Instruct (or any GGUF chat model transformers can read) generating greedily on CPU.
 
     ``loaded_from`` says where the weights came from: ``"gguf"`` or ``"cache"``; ``load_seconds`` how long
     loading took. ``adapter_dir``: a PEFT (LoRA) adapter merged into the weights after loading (for the
-    distilled student); its directory name is appended to ``model_version``.
+    distilled student); its name (:func:`adapter_name`: the directory name, or the registry version) is
+    appended to ``model_version``.
     """
 
     def __init__(
@@ -158,7 +184,7 @@ class TransformersStudent:
 
             adapter = Path(adapter_dir)
             model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-            self.model_version = f"{self.settings.student_model_version}+{adapter.resolve().name}"
+            self.model_version = f"{self.settings.student_model_version}+{adapter_name(adapter)}"
         else:
             self.model_version = self.settings.student_model_version
         model.eval()
@@ -173,13 +199,19 @@ class TransformersStudent:
     # -- loading -----------------------------------------------------------------------------------------
 
     def _load(self, gguf: Path, use_cache: bool) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, str]:
+        return self._load_weights(self.settings, gguf, use_cache)
+
+    @classmethod
+    def _load_weights(
+        cls, settings: Settings, gguf: Path, use_cache: bool
+    ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, str]:
         if not use_cache:
-            tokenizer, model = self._load_gguf(gguf)
+            tokenizer, model = cls._load_gguf(gguf)
             return tokenizer, model, "gguf"
-        cache = _cache_dir(self.settings, gguf)
+        cache = _cache_dir(settings, gguf)
         damaged = False
         if _valid_cache(cache):
-            loaded = self._load_cache(cache)
+            loaded = cls._load_cache(cache)
             if loaded is not None:
                 return (*loaded, "cache")
             damaged = True
@@ -190,17 +222,17 @@ class TransformersStudent:
             # One process de-quantizes and writes the cache; the others wait, then read it.
             with FileLock(str(cache) + ".lock", timeout=_LOCK_TIMEOUT_S):
                 if _valid_cache(cache) and not damaged:
-                    loaded = self._load_cache(cache)
+                    loaded = cls._load_cache(cache)
                     if loaded is not None:
                         return (*loaded, "cache")
                 if cache.exists():  # damaged, or half-written without the marker: rebuild it
                     shutil.rmtree(cache, ignore_errors=True)
-                tokenizer, model = self._load_gguf(gguf)
-                self._write_cache(cache, gguf, tokenizer, model)
+                tokenizer, model = cls._load_gguf(gguf)
+                cls._write_cache(cache, gguf, tokenizer, model)
                 return tokenizer, model, "gguf"
         except Timeout:
             log.warning("student cache lock %s.lock busy for %.0f s; loading the GGUF", cache, _LOCK_TIMEOUT_S)
-            tokenizer, model = self._load_gguf(gguf)
+            tokenizer, model = cls._load_gguf(gguf)
             return tokenizer, model, "gguf"
 
     @staticmethod
@@ -320,7 +352,10 @@ def load_student(settings: Settings | None = None, **kwargs: object) -> StudentB
 __all__ = [
     "StudentBackend",
     "TransformersStudent",
+    "adapter_name",
     "default_model_dir",
+    "load_base_model",
     "load_student",
     "postprocess_rationale",
+    "student_gguf_path",
 ]
