@@ -64,12 +64,11 @@ class Runtime:
     async def start(self) -> None:
         """Open the store and load the encoder and student, each in its own pool, concurrently."""
         from models.encoder import load_encoder
-        from models.student import load_student
 
         loop = asyncio.get_running_loop()
         t0 = time.monotonic()
         encoder_f = loop.run_in_executor(self._encoder_pool, load_encoder, self.settings)
-        student_f = loop.run_in_executor(self._student_pool, load_student, self.settings)
+        student_f = loop.run_in_executor(self._student_pool, self._load_student)
         self.encoder = await encoder_f
         self.store = await self.in_store(self._open_store)
         self.store_ready.set()
@@ -77,6 +76,14 @@ class Runtime:
         self.student = await student_f
         self.models_ready.set()
         log.info("student %s ready (%.1fs)", self.student.model_version, time.monotonic() - t0)
+
+    def _load_student(self) -> "StudentBackend":
+        """The base student plus the registry's CURRENT adapter, if one was promoted."""
+        from models.student import load_student
+        from retrain.registry import ModelRegistry
+
+        adapter = ModelRegistry.for_settings(self.settings).current_adapter_dir()
+        return load_student(self.settings, adapter_dir=adapter) if adapter else load_student(self.settings)
 
     def _open_store(self) -> "VectorStore":
         from streams.datasets import load_items

@@ -61,6 +61,7 @@ class Settings(BaseSettings):
     student_concurrency: int = Field(1, ge=1, description="Model calls in flight at once.")
     student_deadline_s: float = Field(120.0, gt=0, description="Give up on one rationale batch after this.")
     student_threads: int = Field(1, ge=1, description="torch intra-op threads (2 spin-wait against each other on a busy 2-core box).")
+    registry_dir: Path | None = Field(None, description="Registry of distilled student adapters; default <data_dir>/registry.")
     prompt_max_items: int = Field(20, ge=1, description="Window items shown to the LLM.")
 
     # --- encoder & retrieval -------------------------------------------------------------------------------
