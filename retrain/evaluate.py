@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -36,6 +36,10 @@ from retrain import metrics as M
 from retrain.splits import EvalPhase, TrainingData, leave_one_out, restrict_users, sample_user_indices
 from streams.datasets import Item, item_text, load_interactions, load_items
 from streams.settings import Settings
+
+if TYPE_CHECKING:  # torch and onnxruntime load only when a method needs them
+    from models.encoder import TextEncoder
+    from models.sasrec import SASRecConfig
 
 ProgressFn = Callable[[str, int, int], None]
 """``progress(message, done, total)``: ``done`` of ``total`` harness steps are finished; the message says
@@ -56,9 +60,9 @@ class EvalContext:
     settings: Settings
     seed: int
     sasrec_epochs: int
-    sasrec_config: Any  # models.sasrec.SASRecConfig | None (imported lazily: torch is slow to import)
+    sasrec_config: SASRecConfig | None
     progress: ProgressFn
-    encoder: Any = None  # models.encoder.TextEncoder; loaded on first use
+    encoder: TextEncoder | None = None  # loaded on first use
     _items: dict[str, Item] | None = None
     _item_vectors: np.ndarray | None = None
     items_without_text: int = 0
@@ -232,10 +236,10 @@ def run_evaluation(
     *,
     run_name: str | None = None,
     limit_users: int | None = None,
-    sasrec_config: Any = None,
+    sasrec_config: SASRecConfig | None = None,
     ci: Literal["normal", "bootstrap"] = "normal",
     settings: Settings | None = None,
-    encoder: Any = None,
+    encoder: TextEncoder | None = None,
     batch_size: int = 512,
     plots: bool = True,
     progress: ProgressFn | None = None,
@@ -319,6 +323,8 @@ def run_evaluation(
         "protocol": _protocol_text(ci),
         "split": split.stats.as_dict() | {"items_without_text": ctx.items_without_text},
         "populations": {"all": int(split.n_users), "sample": int(len(sample))},
+        # Users with fewer never-interacted items than N_NEGATIVES are ranked against all of them.
+        "negatives": {"per_user": N_NEGATIVES, "users_with_fewer": int((negatives == 0).any(axis=1).sum())},
         "methods": method_info,
         "results": results,
     }
@@ -391,6 +397,9 @@ def _markdown(out: dict[str, Any]) -> str:
         "seeded negatives the user never interacted with (SLIM's protocol). Pop@10 = mean training "
         "interactions of the recommended items; Cov@10 = share of the catalogue recommended to anyone.",
     ]
+    if out["negatives"]["users_with_fewer"]:
+        lines += ["", f"Note: {out['negatives']['users_with_fewer']} users have fewer than {N_NEGATIVES} items they "
+                  "never interacted with; they are ranked against all of those."]
     header = ("| method | HR@10 | HR@20 | NDCG@10 | NDCG@20 | Cov@10 | Pop@10 | "
               "HR@10 (s100) | HR@20 (s100) | NDCG@10 (s100) | NDCG@20 (s100) |")
     for pop, title in (("all", "All users"), ("sample", "Seeded user sample")):
@@ -411,8 +420,8 @@ def _markdown(out: dict[str, Any]) -> str:
         d = m.get("details")
         if d and "best_epoch" in d:
             ep = d["epochs"]
-            note = (f"best epoch {d['best_epoch']} of {len(ep)} run (max {d['config']['epochs']}), "
-                    f"max_len {d['config']['max_len']}, dim {d['config']['dim']}")
+            note = (f"best epoch {d['best_epoch']} of {len(ep)} run (max {d['config']['epochs']}, stopped by "
+                    f"{d['stopped_by']}), max_len {d['config']['max_len']}, dim {d['config']['dim']}")
         lines.append(f"| {m['name']} | {'sample' if m['sample_only'] else 'all'} | {m['fit_s']:.1f} | "
                      f"{m['score_s']:.1f} | {note} |")
     if out.get("files"):

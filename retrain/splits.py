@@ -170,13 +170,16 @@ def leave_one_out(interactions: Iterable[Interaction], min_interactions: int = M
     return LeaveOneOutSplit(user_ids, item_ids, tuple(train), valid, test, stats)
 
 
-def sample_user_indices(n_users: int, n: int | None, seed: int) -> np.ndarray:
-    """A seeded sample of ``n`` user indices (sorted), or all users when ``n`` is None or >= n_users."""
+def sample_user_indices(n_users: int, n: int | None, seed: int, stream: int = 0x5A3) -> np.ndarray:
+    """A seeded sample of ``n`` user indices (sorted), or all users when ``n`` is None or >= n_users.
+
+    ``stream`` separates independent draws made with the same seed (the evaluation sample vs a data slice).
+    """
     if n is None or n >= n_users:
         return np.arange(n_users, dtype=np.int64)
     if n < 1:
         raise ValueError(f"sample size must be at least 1, got {n}")
-    rng = np.random.default_rng([seed, 0x5A3])  # own stream: the sample must not shift when other draws change
+    rng = np.random.default_rng([seed, stream])  # own stream: the sample must not shift when other draws change
     return np.sort(rng.choice(n_users, size=n, replace=False)).astype(np.int64)
 
 
@@ -188,5 +191,5 @@ def restrict_users(interactions: Sequence[Interaction], n_users: int, seed: int,
     for it in interactions:
         items_per_user.setdefault(it.user_id, set()).add(it.item_id)
     eligible = sorted(u for u, s in items_per_user.items() if len(s) >= min_interactions)
-    chosen = {eligible[i] for i in sample_user_indices(len(eligible), n_users, seed)}
+    chosen = {eligible[i] for i in sample_user_indices(len(eligible), n_users, seed, stream=0x511CE)}
     return [it for it in interactions if it.user_id in chosen]

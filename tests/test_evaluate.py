@@ -21,7 +21,7 @@ from tests.test_encoder import shared_settings
 SLICE = dict(source="ml-100k", limit_users=200, sample_users=60, seed=0)
 # Small batches and a higher learning rate: 200 users give ~500 training windows, so the default batch of
 # 128 would be only four updates per epoch.
-TINY_SASREC = SASRecConfig(batch_size=32, lr=3e-3, dim=48, threads=2)
+TINY_SASREC = SASRecConfig(batch_size=32, lr=3e-3, dim=48)
 
 
 @pytest.fixture(scope="module")
