@@ -89,6 +89,10 @@ def test_schema_files_match_the_models() -> None:
     ["produce", "/does/not/exist.jsonl"],
     ["worker", "--log-level", "loud"],
     ["tail", "--limit", "0"],
+    ["evaluate", "--methods", "popularity,nonsense"],
+    ["serve-teacher", "--teacher", "7b"],
+    ["distill", "/does/not/exist.jsonl"],
+    ["models", "promote", "no-such-version"],
 ])
 def test_bad_cli_argument_is_one_line_and_exit_2(args: list[str]) -> None:
     proc = subprocess.run([sys.executable, "-m", "streams.cli", *args], capture_output=True, text=True, cwd=ROOT,
