@@ -523,6 +523,63 @@ def evaluate(
     console.print(f"report: {result['run_dir']}/results.md ({result['elapsed_s']:.0f} s)")
 
 
+# --- teacher-rationales ---------------------------------------------------------------------------------
+@cli.command("teacher-rationales")
+def teacher_rationales(
+    data: Annotated[Optional[str], typer.Option(help="ml-1m, ml-100k or a directory (default: SLIMSTREAM_DATASET)")] = None,
+    users: Annotated[int, typer.Option(help="seeded training users (a larger N on the same version adds users)")] = 100,
+    samples: Annotated[int, typer.Option(help="teacher samples per window; the best by outcome score is kept")] = 4,
+    window_size: Annotated[Optional[int], typer.Option(help="items in the prompt window (default: SLIMSTREAM_WINDOW_SIZE)")] = None,
+    targets: Annotated[int, typer.Option(help="next training items after the window used to score samples")] = 3,
+    seed: Annotated[int, typer.Option(help="seed of the user draw and the teacher's sampling")] = 0,
+    temperature: Annotated[float, typer.Option(help="sampling temperature (> 0)")] = 0.8,
+    max_tokens: Annotated[Optional[int], typer.Option(help="tokens per rationale (default: SLIMSTREAM_TEACHER_MAX_TOKENS)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="directory of the datasets (default <data_dir>/rationales)")] = None,
+    version: Annotated[Optional[str], typer.Option(help="dataset version, the file name (default <data>-<prompt>-<model>)")] = None,
+) -> None:
+    """Outcome-filtered teacher rationales for training windows: OUT/VERSION.jsonl (+ .meta.json); resumable."""
+    import re as _re
+
+    from models.encoder import load_encoder
+    from models.teacher import TeacherClient, TeacherConfig, TeacherError
+    from retrain.rationales import generate_rationales
+
+    for name, value in (("--users", users), ("--samples", samples), ("--window-size", window_size),
+                        ("--targets", targets), ("--max-tokens", max_tokens)):
+        if value is not None and value < 1:
+            raise typer.BadParameter(f"must be at least 1, got {value}", param_hint=name)
+    if temperature <= 0:
+        raise typer.BadParameter(f"must be > 0, got {temperature}", param_hint="--temperature")
+    if version is not None and not _re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", version):
+        raise typer.BadParameter("letters, digits, '.', '_' and '-' only", param_hint="--version")
+    settings = get_settings()
+    source = data or settings.dataset
+    out_dir = out or settings.data_dir / "rationales"
+    config = TeacherConfig.from_settings(settings)
+
+    async def job(progress: Progress, task) -> object:  # type: ignore[no-untyped-def]
+        encoder = await asyncio.to_thread(load_encoder, settings)
+        async with TeacherClient(config, cache_dir=settings.data_dir / "teacher-cache") as teacher:
+            return await generate_rationales(
+                source, teacher=teacher, encoder=encoder, out_dir=out_dir, dataset_version=version, n_users=users,
+                samples=samples, window_size=window_size or settings.window_size, n_targets=targets, seed=seed,
+                temperature=temperature, max_tokens=max_tokens,
+                progress=lambda done, total: progress.update(task, completed=done, total=total))
+
+    with _progress() as progress:
+        task = progress.add_task("teacher rationales", total=None)
+        try:
+            result = asyncio.run(job(progress, task))
+        except TeacherError as exc:
+            _fail(f"teacher at {config.teacher_url} (SLIMSTREAM_TEACHER_URL) failed: {exc}")
+        except (ValueError, FileNotFoundError) as exc:
+            _fail(str(exc), 2)
+    console.print(f"{result.path}: {result.records} records ({result.written} new, {result.skipped} already there"
+                  + (f", {result.empty} with only empty samples" if result.empty else "") + "); "
+                  f"teacher: {result.teacher_stats['http_requests']} requests, "
+                  f"{result.teacher_stats['cache_hits']} cached, ${result.teacher_stats['cost_usd']:.4f}")
+
+
 # --- schemas ---------------------------------------------------------------------------------------------
 @cli.command()
 def schemas(out: Annotated[Path, typer.Option(help="directory")] = Path(__file__).parent / "schemas") -> None:
