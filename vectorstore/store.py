@@ -189,7 +189,7 @@ class VectorStore:
         if exclude and not self.local:
             flt = models.Filter(must_not=[models.FieldCondition(key="item_id",
                                                                match=models.MatchAny(any=sorted(exclude)))])
-        # Local mode evaluates payload filters point by point in Python (~9x slower than the plain search on
+        # Local mode evaluates payload filters point by point in Python (9-18x slower than the plain search on
         # ML-1M, see benchmarks/), so there we fetch len(exclude) extra hits and drop them client-side.
         extra = min(len(exclude), 64) if flt is not None else len(exclude)
         hits = self.client.query_points(
