@@ -45,22 +45,11 @@ class Runtime:
         self.store: VectorStore | None = None
         self.encoder: TextEncoder | None = None
         self.student: StudentBackend | None = None
-        self._store_ready: asyncio.Event | None = None
-        self._models_ready: asyncio.Event | None = None
+        # Set once the store / the models are loaded; the agents wait on them before their first event.
+        self.store_ready = asyncio.Event()
+        self.models_ready = asyncio.Event()
 
-    # -- readiness ------------------------------------------------------------------------------------------
-    @property
-    def store_ready(self) -> asyncio.Event:
-        if self._store_ready is None:
-            self._store_ready = asyncio.Event()
-        return self._store_ready
-
-    @property
-    def models_ready(self) -> asyncio.Event:
-        if self._models_ready is None:
-            self._models_ready = asyncio.Event()
-        return self._models_ready
-
+    # -- start-up -------------------------------------------------------------------------------------------
     async def start(self) -> None:
         """Open the store and load the encoder and student, each in its own pool, concurrently."""
         from models.encoder import load_encoder

@@ -9,10 +9,8 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Optional
@@ -208,7 +206,7 @@ def up(
     Stops by itself once every replayed user has a recommendation with a rationale for their final window
     (or after --wait seconds), unless --follow is given; Ctrl-C stops everything at any time.
     """
-    from streams.broker import EmbeddedBroker
+    from streams.broker import EmbeddedBroker, stop_process
 
     base = get_settings()
     base.data_dir.mkdir(parents=True, exist_ok=True)
@@ -236,22 +234,9 @@ def up(
         console.print("\nstopping ...")
     finally:
         if worker_proc is not None:
-            _stop_process(worker_proc)
+            stop_process(worker_proc, 20.0)
         broker.stop()
         console.print("stopped: broker and worker are down")
-
-
-def _stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    if proc.poll() is not None:
-        return
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    except ProcessLookupError:
-        pass
 
 
 async def _replay_and_show(settings: Settings, users: int, rate: float, max_events: int, seed: int,

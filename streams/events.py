@@ -113,6 +113,11 @@ class RationaleRequest(BaseModel):
     requested_at: float = Field(default_factory=time.time)
 
 
+def describe_validation_error(exc: ValidationError) -> str:
+    """``field: message; ...``: short enough for a dead letter or a CLI line."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors())
+
+
 class InvalidEvent(ValueError):
     """Raised by :func:`parse_event` with a reason fit for the dead-letter topic."""
 
@@ -132,10 +137,7 @@ def parse_event(value: bytes | None, max_bytes: int) -> InteractionEvent:
     try:
         return InteractionEvent.model_validate(data, strict=False)
     except ValidationError as exc:
-        reasons = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-        )
-        raise InvalidEvent(f"invalid event: {reasons}") from None
+        raise InvalidEvent(f"invalid event: {describe_validation_error(exc)}") from None
 
 
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {

@@ -11,7 +11,7 @@ from pathlib import Path
 from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
-from streams.events import InteractionEvent
+from streams.events import InteractionEvent, describe_validation_error
 from streams.settings import Settings
 
 
@@ -52,7 +52,7 @@ def _validate(data: dict) -> InteractionEvent | str:
     try:
         return InteractionEvent.model_validate(data)
     except ValidationError as exc:
-        return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        return describe_validation_error(exc)
 
 
 async def start_producer(settings: Settings) -> AIOKafkaProducer:
