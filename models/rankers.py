@@ -135,3 +135,7 @@ class TextRanker:
     def score(self, users: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
         queries = np.asarray(self.user_vectors(users, histories), dtype=np.float32)
         return queries @ self.item_vectors.T
+
+    def summary(self) -> dict:
+        summary = getattr(self.user_vectors, "summary", None)
+        return summary() if summary is not None else {}

@@ -346,6 +346,10 @@ def load_student(settings: Settings | None = None, **kwargs: object) -> StudentB
     settings = settings or get_settings()
     if settings.student_backend == "transformers":
         return TransformersStudent(settings, **kwargs)  # type: ignore[arg-type]
+    if settings.student_backend == "llamacpp":
+        from models.llamacpp import LlamaCppStudent  # optional extra: slimstream[llamacpp]
+
+        return LlamaCppStudent(settings, **kwargs)  # type: ignore[arg-type]
     raise ValueError(f"unknown student backend: {settings.student_backend!r}")
 
 

@@ -24,7 +24,7 @@ import math
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -63,9 +63,30 @@ class EvalContext:
     sasrec_config: SASRecConfig | None
     progress: ProgressFn
     encoder: TextEncoder | None = None  # loaded on first use
+    sample: np.ndarray | None = None  # the seeded user sample (the LLM methods fit and score on it)
+    adapter_dir: Path | None = None  # the distilled student's LoRA adapter (None: the registry's CURRENT)
+    _shared: dict[str, Any] = field(default_factory=dict)
     _items: dict[str, Item] | None = None
     _item_vectors: np.ndarray | None = None
     items_without_text: int = 0
+
+    def shared(self, key: str, build: Callable[[], Any]) -> Any:
+        """One object per key and run (a fitted SASRec, a generator's rationales) shared by methods."""
+        if key not in self._shared:
+            self._shared[key] = build()
+        return self._shared[key]
+
+    def fitted_sasrec(self) -> Ranker:
+        """The run's SASRec, fitted once: the ``sasrec`` method and every fusion use the same model."""
+
+        def build() -> Ranker:
+            ranker = _new_sasrec(self)
+            t0 = time.monotonic()
+            ranker.fit(self.data)
+            self._shared["sasrec_fit_s"] = time.monotonic() - t0
+            return ranker
+
+        return self.shared("sasrec", build)
 
     def items(self) -> dict[str, Item]:
         """The catalogue by item id (loaded on first use)."""
@@ -112,12 +133,33 @@ class Method:
     sample_only: bool = False
 
 
-def _sasrec(ctx: EvalContext) -> Ranker:
+def _new_sasrec(ctx: EvalContext) -> Ranker:
     from models.sasrec import SASRecConfig, SASRecRanker
 
     cfg = ctx.sasrec_config or SASRecConfig()
     cfg = replace(cfg, epochs=ctx.sasrec_epochs, seed=ctx.seed)
     return SASRecRanker(cfg, progress=lambda msg, done, total: ctx.progress(msg, -1, -1))
+
+
+class _Prefitted:
+    """A ranker fitted elsewhere (the shared SASRec): ``fit`` is a no-op, everything else is delegated."""
+
+    def __init__(self, ranker: Ranker) -> None:
+        self.ranker = ranker
+        self.name = ranker.name
+
+    def fit(self, data: TrainingData) -> None:
+        pass
+
+    def score(self, users: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
+        return self.ranker.score(users, histories)
+
+    def summary(self) -> dict[str, Any]:
+        return self.ranker.summary() if hasattr(self.ranker, "summary") else {}
+
+
+def _sasrec(ctx: EvalContext) -> Ranker:
+    return _Prefitted(ctx.fitted_sasrec())
 
 
 def _text_mean(ctx: EvalContext) -> Ranker:
@@ -128,18 +170,24 @@ def _text_mean(ctx: EvalContext) -> Ranker:
 
 def _builtin_methods() -> dict[str, Method]:
     from models.baselines import ItemKNNRanker, PopularityRanker, RandomRanker
+    from retrain.slim_methods import SLIM_METHODS, build_slim_method
 
-    return {
+    methods = {
         "random": Method("random", lambda ctx: RandomRanker(ctx.seed)),
         "popularity": Method("popularity", lambda ctx: PopularityRanker()),
         "item-knn": Method("item-knn", lambda ctx: ItemKNNRanker()),
         "sasrec": Method("sasrec", _sasrec),
         "text-mean": Method("text-mean", _text_mean),
     }
+    for key in SLIM_METHODS:
+        methods[key] = Method(key, lambda ctx, k=key: build_slim_method(k, ctx), sample_only=True)
+    return methods
 
 
-BUILTIN_METHODS = ("random", "popularity", "item-knn", "sasrec", "text-mean")
-DEFAULT_METHODS = BUILTIN_METHODS
+BASELINE_METHODS = ("random", "popularity", "item-knn", "sasrec", "text-mean")
+BUILTIN_METHODS = (*BASELINE_METHODS, "slim-base", "slim-distilled", "slim-teacher", "sasrec+slim-base",
+                   "sasrec+slim-distilled", "sasrec+slim-teacher", "sasrec+text-mean")
+DEFAULT_METHODS = BASELINE_METHODS
 
 
 def resolve_methods(methods: Sequence[str | Method | Ranker]) -> list[Method]:
@@ -241,6 +289,7 @@ def run_evaluation(
     settings: Settings | None = None,
     encoder: TextEncoder | None = None,
     batch_size: int = 512,
+    adapter_dir: str | Path | None = None,
     plots: bool = True,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
@@ -283,7 +332,8 @@ def run_evaluation(
     done += 1
 
     ctx = EvalContext(source=source, data=data, settings=settings, seed=seed, sasrec_epochs=sasrec_epochs,
-                      sasrec_config=sasrec_config, progress=lambda m, d, t: report(m, d), encoder=encoder)
+                      sasrec_config=sasrec_config, progress=lambda m, d, t: report(m, d), encoder=encoder,
+                      sample=sample, adapter_dir=None if adapter_dir is None else Path(adapter_dir))
     results: dict[str, dict[str, Any]] = {"all": {}, "sample": {}}
     method_info: list[dict[str, Any]] = []
     for method in resolved:
@@ -422,6 +472,12 @@ def _markdown(out: dict[str, Any]) -> str:
             ep = d["epochs"]
             note = (f"best epoch {d['best_epoch']} of {len(ep)} run (max {d['config']['epochs']}, stopped by "
                     f"{d['stopped_by']}), max_len {d['config']['max_len']}, dim {d['config']['dim']}")
+        elif d and "alpha" in d:
+            note = f"alpha {d['alpha']:g} learned on the validation phase of {d['fit_users']} users"
+            if "rationales" in d:
+                note += f"; rationales by {d['rationales']['generator']}"
+        elif d and "generator" in d:
+            note = f"rationales by {d['generator']} ({d['generated']} generated, {d['cached']} cached)"
         lines.append(f"| {m['name']} | {'sample' if m['sample_only'] else 'all'} | {m['fit_s']:.1f} | "
                      f"{m['score_s']:.1f} | {note} |")
     if out.get("files"):

@@ -423,6 +423,7 @@ def serve_teacher(
     max_queue: Annotated[int, typer.Option(min=0, help="requests waiting for a slot; more get 503 + Retry-After")] = 8,
     max_tokens_default: Annotated[int, typer.Option(min=1, help="completion tokens when a request names none")] = 256,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default SLIMSTREAM_STUDENT_THREADS)")] = None,
+    backend: Annotated[str, typer.Option(help="transformers, or llamacpp (~6x faster; the slimstream[llamacpp] extra)")] = "transformers",
     api_key: Annotated[Optional[str], typer.Option(envvar="SLIMSTREAM_SERVE_API_KEY", show_default=False,
                                                    help="require this bearer token on /v1")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error")] = "info",
@@ -434,11 +435,13 @@ def serve_teacher(
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
     if gguf is not None and not gguf.is_file():
         raise typer.BadParameter(f"no such file: {gguf}", param_hint="--gguf")
+    if backend not in ("transformers", "llamacpp"):
+        raise typer.BadParameter(f"unknown backend {backend!r}: transformers or llamacpp", param_hint="--backend")
     from models.serving import api_server
 
     argv = ["--host", host, "--port", str(port), "--teacher", teacher, "--max-concurrency", str(max_concurrency),
             "--max-queue", str(max_queue), "--max-tokens-default", str(max_tokens_default),
-            "--log-level", log_level.lower()]
+            "--log-level", log_level.lower(), "--backend", backend]
     if gguf is not None:
         argv += ["--gguf-dir", str(gguf.parent), "--gguf-file", gguf.name]
     if served_model_name:
@@ -457,7 +460,9 @@ def serve_teacher(
 @cli.command()
 def evaluate(
     data: Annotated[Optional[str], typer.Option(help="ml-1m, ml-100k or a directory (default: SLIMSTREAM_DATASET)")] = None,
-    methods: Annotated[str, typer.Option(help="comma-separated: random, popularity, item-knn, sasrec, text-mean")]
+    methods: Annotated[str, typer.Option(help="comma-separated: random, popularity, item-knn, sasrec, text-mean, "
+                                               "slim-{base,distilled,teacher}, sasrec+slim-{base,distilled,teacher}, "
+                                               "sasrec+text-mean")]
         = "random,popularity,item-knn,sasrec,text-mean",
     sample_users: Annotated[int, typer.Option(min=0, help="seeded user sample reported separately (0: all users)")] = 1000,
     limit_users: Annotated[Optional[int], typer.Option(min=1, help="keep only this many (seeded) users: a quick slice")] = None,
@@ -468,6 +473,7 @@ def evaluate(
     sasrec_minutes: Annotated[float, typer.Option(min=0.05, help="SASRec training-time budget")] = 7.0,
     threads: Annotated[int, typer.Option(min=0, help="torch threads for SASRec (0: torch's default, all cores)")] = 1,
     bootstrap: Annotated[bool, typer.Option(help="bootstrap confidence intervals instead of the normal approximation")] = False,
+    adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter of the distilled student (default: the registry's CURRENT)")] = None,
 ) -> None:
     """Offline evaluation: leave-one-out, full and sampled-100 ranking, HR/NDCG/coverage/popularity with 95% CIs.
 
@@ -481,6 +487,8 @@ def evaluate(
     if not names or unknown:
         raise typer.BadParameter(f"unknown method(s) {', '.join(unknown) or '(none)'}; expected some of "
                                  f"{', '.join(BUILTIN_METHODS)}", param_hint="--methods")
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise typer.BadParameter(f"not a LoRA adapter directory: {adapter}", param_hint="--adapter")
     settings = get_settings()
     source = data or settings.dataset
     config = SASRecConfig(time_budget_s=sasrec_minutes * 60, threads=threads or None)
@@ -490,7 +498,7 @@ def evaluate(
             result = run_evaluation(
                 source, names, sample_users=sample_users or None, seed=seed, out_dir=out, sasrec_epochs=sasrec_epochs,
                 run_name=run, limit_users=limit_users, sasrec_config=config,
-                ci="bootstrap" if bootstrap else "normal", settings=settings,
+                ci="bootstrap" if bootstrap else "normal", settings=settings, adapter_dir=adapter,
                 progress=lambda message, done, total: progress.update(task, description=message, completed=done,
                                                                       total=total))
         except (ValueError, FileNotFoundError) as exc:  # unknown source, malformed files, too few users

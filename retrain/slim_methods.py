@@ -1,0 +1,136 @@
+"""The SLIM methods of ``slimstream evaluate``, by name (see :mod:`models.fusion` for what they compute).
+
+=========================  ==========================================================================
+``slim-base``              ID-agnostic: base student's rationale vs item-text vectors
+``slim-distilled``         ID-agnostic: the distilled student (``--adapter`` or the registry's CURRENT)
+``slim-teacher``           ID-agnostic: the teacher's own rationales (greedy), from ``teacher_url``
+``sasrec+slim-<g>``        ID-based: SASRec fused with generator ``<g>``'s rationale vector (learned alpha)
+``sasrec+text-mean``       control: SASRec fused with the mean item-text vector of the same window (no LLM)
+=========================  ==========================================================================
+
+The LLM ones run on the evaluation's user sample (one generation per user and phase). The student runs on
+``student_backend`` (llamacpp is ~6x faster on CPU; both decode greedily), so the base and the distilled
+student are compared on the same backend and decoding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from models.prompts import PromptItem
+from models.rankers import HistoryMeanVectors, Ranker, TextRanker
+
+if TYPE_CHECKING:
+    from models.fusion import Generate, RationaleVectors
+    from retrain.evaluate import EvalContext
+
+GENERATORS = ("base", "distilled", "teacher")
+SLIM_METHODS = (*(f"slim-{g}" for g in GENERATORS), *(f"sasrec+slim-{g}" for g in GENERATORS), "sasrec+text-mean")
+
+
+def _item_prompts(ctx: EvalContext) -> list[PromptItem]:
+    catalogue = ctx.items()
+    out = [PromptItem(title="", year=None, genres=())]
+    for item_id in ctx.data.item_ids[1:]:
+        meta = catalogue.get(item_id)
+        out.append(PromptItem(title=meta.title if meta else item_id, year=meta.year if meta else None,
+                              genres=meta.genres if meta else ()))
+    return out
+
+
+def _student_generator(ctx: EvalContext, distilled: bool) -> tuple[Generate, str, str]:
+    from models.student import load_student
+
+    settings = ctx.settings
+    kwargs: dict[str, Any] = {}
+    if distilled:
+        adapter = ctx.adapter_dir
+        if adapter is None:
+            from retrain.registry import ModelRegistry
+
+            adapter = ModelRegistry.for_settings(settings).current_adapter_dir()
+            if adapter is None:
+                raise ValueError("slim-distilled needs --adapter or a promoted model in the registry")
+        kwargs["adapter_dir"] = adapter
+    if settings.student_backend == "llamacpp" and not distilled:
+        kwargs["requantize"] = True  # the same export and quantization as the distilled student
+    student = load_student(settings, **kwargs)
+    gen_id = (f"student-{settings.student_backend}-{student.model_version}-"
+              f"{settings.student_max_new_tokens}t")
+    if distilled:  # the adapter's content, not only its name, identifies the generator
+        from models.fusion import RationaleCache
+
+        files = sorted(Path(kwargs["adapter_dir"]).glob("adapter_*"))
+        gen_id += "-" + RationaleCache.key([{"f": p.name, "s": str(p.stat().st_size),
+                                             "m": str(p.stat().st_mtime_ns)} for p in files])[:10]
+    label = f"SLIM ID-agnostic, {'distilled' if distilled else 'base'} student ({student.model_version})"
+    return student.generate, gen_id, label
+
+
+def _teacher_generator(ctx: EvalContext) -> tuple[Generate, str, str]:
+    from models.student import postprocess_rationale
+    from models.teacher import TeacherClient, TeacherConfig
+
+    cfg = TeacherConfig.from_settings(ctx.settings)
+    cache_dir = ctx.settings.data_dir / "teacher-cache"
+
+    def generate(batch: list[list[dict[str, str]]]) -> list[str]:
+        async def run() -> list[str]:
+            async with TeacherClient(cfg, cache_dir=cache_dir) as client:
+                answers = await asyncio.gather(*(client.complete(m, n=1, temperature=0.0) for m in batch))
+            return [postprocess_rationale(a[0] if a else "") for a in answers]
+
+        return asyncio.run(run())
+
+    gen_id = f"teacher-{cfg.teacher_model}-{cfg.teacher_max_tokens}t"
+    return generate, gen_id, f"SLIM ID-agnostic, teacher ({cfg.teacher_model})"
+
+
+def rationale_vectors(ctx: EvalContext, generator: str) -> RationaleVectors:
+    """One shared :class:`RationaleVectors` per generator and run (the ID-agnostic and the fused method
+    reuse its rationales)."""
+    from models.fusion import RationaleVectors
+
+    def build() -> RationaleVectors:
+        if generator == "teacher":
+            gen, gen_id, label = _teacher_generator(ctx)
+        else:
+            gen, gen_id, label = _student_generator(ctx, distilled=generator == "distilled")
+        if ctx.encoder is None:
+            ctx.item_vectors()  # loads the encoder
+        return RationaleVectors(gen, ctx.encoder, _item_prompts(ctx), max_items=ctx.settings.prompt_max_items,
+                                name=label, generator_id=gen_id,
+                                cache_dir=ctx.settings.data_dir / "eval-rationales",
+                                progress=lambda msg: ctx.progress(msg, -1, -1))
+
+    return ctx.shared(f"rationales:{generator}", build)
+
+
+def build_slim_method(key: str, ctx: EvalContext) -> Ranker:
+    from models.fusion import FusionRanker
+
+    if key.startswith("slim-"):
+        vecs = rationale_vectors(ctx, key.removeprefix("slim-"))
+        return TextRanker(ctx.item_vectors(), vecs, name=vecs.name)
+    if key == "sasrec+text-mean":
+        item_vecs = ctx.item_vectors()
+        uv = HistoryMeanVectors(item_vecs, max_items=ctx.settings.prompt_max_items)
+        return FusionRanker(ctx.fitted_sasrec(), uv, item_vecs, name="SASRec + item-text mean (control)",
+                            fit_users=ctx.sample, base_fitted=True)
+    if key.startswith("sasrec+slim-"):
+        generator = key.removeprefix("sasrec+slim-")
+        vecs = rationale_vectors(ctx, generator)
+        return FusionRanker(ctx.fitted_sasrec(), vecs, ctx.item_vectors(),
+                            name=f"SLIM ID-based: SASRec + {generator} rationale", fit_users=ctx.sample,
+                            base_fitted=True)
+    raise ValueError(f"unknown SLIM method {key!r}")
+
+
+def sample_only(key: str) -> bool:
+    """LLM methods run on the user sample; the text-mean control is cheap but is fitted on the sample too."""
+    return key in SLIM_METHODS
+
+
+__all__ = ["GENERATORS", "SLIM_METHODS", "build_slim_method", "rationale_vectors", "sample_only"]
