@@ -1,3 +1,4 @@
-"""Faust agents. Importing this package registers them (and the worker's web views) on ``streams.app.app``."""
+"""Faust agents. Importing this package registers them (and the worker's web views, the model-update listener
+and the drift timer) on ``streams.app.app``."""
 
-from agents import rationale, state, web, window  # noqa: F401  (registration side effects)
+from agents import drift, model_updates, rationale, state, web, window  # noqa: F401  (registration side effects)

@@ -66,9 +66,12 @@ async def _rationalise(states: list[WindowState]) -> None:
         meta = await runtime.in_store(store.get_items, state.item_ids)
         prompts.append(build_slim_messages([_prompt_item(i, meta.get(i.item_id)) for i in state.items],
                                            s.prompt_max_items))
+    # The student this batch runs on and is attributed to: a hot swap may replace runtime.student meanwhile.
+    student = runtime.student
+    assert student is not None
     t0 = time.monotonic()
     try:
-        texts = await runtime.generate(prompts)
+        texts = await runtime.generate(prompts, student)
     except DeadlineExceeded as exc:
         # The fast path already served these users; their next event asks again.
         log.warning("%s; users %s keep their previous rationale", exc, [st.user_id for st in states])
@@ -78,24 +81,25 @@ async def _rationalise(states: list[WindowState]) -> None:
     log.info("student wrote %d rationales in %.1fs", len(texts), time.monotonic() - t0)
     rationales = [postprocess_rationale(t) for t in texts]
     vectors = await runtime.encode(rationales)
-    assert runtime.student is not None
     for state, text, vec in zip(states, rationales, vectors):
         payload = {
             "user_id": state.user_id,
             "rationale": text,
             "window_version": state.version,
-            "model_version": runtime.student.model_version,
+            "model_version": student.model_version,
             "timestamp": time.time(),
             "last_event_timestamp": state.last_event_timestamp,
         }
         if not await runtime.in_store(store.upsert_rationale, state.user_id, vec, payload):
             runtime.metrics["rationales_stale"] += 1  # a newer window's rationale is already stored
             continue
+        runtime.observe_rationale(vec)
         # Recommend for the newest window: it may have moved on while the student was thinking, in which
         # case the message says the rationale is not current.
         current = _current_state(state.user_id) or state
         rec = await build_recommendation(runtime, current, RecommendationPath.slow, (vec, payload))
         await recommendations_topic.send(key=state.user_id.encode(), value=rec.model_dump_json().encode())
+        runtime.observe_recommendation(rec)
         runtime.metrics["recommendations_slow"] += 1
 
 

@@ -4,7 +4,19 @@ the thread pools that keep their blocking calls off the event loop.
 Each pool is sized on purpose: Qdrant local mode is not safe to share between threads, so one thread
 owns it; the student runs ``student_concurrency`` model calls at once (1 on a CPU box: a second
 concurrent batch only splits the same cores); the encoder gets its own thread so a long generation
-never delays the embedding of a fresh rationale or the fast path's fallback.
+never delays the embedding of a fresh rationale or the fast path's fallback. A hot swap loads the next
+student in a fourth, single-thread pool, so the serving student keeps generating in its own pool until the
+swap (loading there would queue behind, and stall, the rationale batches).
+
+Hot swap (:meth:`Runtime.swap_student`): the new student is built off the loop, then ``self.student`` is
+replaced in one assignment on the loop. Every batch takes the student it runs on when it starts
+(:meth:`Runtime.generate` is given it), so a batch in flight finishes on the old student and reports the
+old version; the next batch runs on the new one.
+
+Drift (:attr:`Runtime.drift`): one :class:`retrain.drift.DriftMonitor` per worker, fed by the agents on the
+loop (O(1) per event). Its reference is ``<registry>/<CURRENT>/drift_reference.json`` when the serving
+version has one; otherwise the genre reference is taken from the first ``drift_window_events`` events this
+worker sees (after a swap without a reference file, from the first window after the swap) and kept.
 """
 
 from __future__ import annotations
@@ -12,13 +24,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
+from retrain.drift import DriftMonitor, DriftReference
+from retrain.registry import ModelRegistry
 from streams.settings import Settings
 
 if TYPE_CHECKING:
@@ -30,8 +45,18 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+DRIFT_REFERENCE_FILE = "drift_reference.json"  # in <registry>/<version>/, written by the retrain job
+GENRE_CACHE_SIZE = 100_000  # item -> genres, for the drift monitor's genre mix (least recently used dropped)
+
+SwapResult = Literal["swapped", "noop", "failed"]
+
+
 class DeadlineExceeded(TimeoutError):
     pass
+
+
+def drift_reference_path(registry: ModelRegistry, version: str | None) -> Path | None:
+    return None if version is None else registry.version_dir(version) / DRIFT_REFERENCE_FILE
 
 
 class Runtime:
@@ -42,12 +67,25 @@ class Runtime:
         self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="qdrant")
         self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="encoder")
         self._student_pool = ThreadPoolExecutor(settings.student_concurrency, thread_name_prefix="student")
+        self._loader_pool = ThreadPoolExecutor(1, thread_name_prefix="student-loader")
         self.store: VectorStore | None = None
         self.encoder: TextEncoder | None = None
         self.student: StudentBackend | None = None
+        self.registry = ModelRegistry.for_settings(settings)
+        self.student_version: str | None = None  # registry version being served; None: the base student
+        self.swap_in_progress: str | None = None  # model version being loaded
+        self.last_swap: dict[str, Any] | None = None
+        self._swap_lock = asyncio.Lock()
         # Set once the store / the models are loaded; the agents wait on them before their first event.
         self.store_ready = asyncio.Event()
         self.models_ready = asyncio.Event()
+        self.drift = DriftMonitor.from_settings(settings)
+        # "file" (the version's drift_reference.json), "lazy" (genre mix of the first window of events),
+        # "pending" (that window is still filling); "+lazy-genres": a file without a genre mix, completed lazily.
+        self.drift_reference_source = "pending"
+        self.drift_last_published: float | None = None  # monotonic time of the last published decision
+        self.drift_last_decision: dict[str, Any] | None = None
+        self._genres: OrderedDict[str, tuple[str, ...]] = OrderedDict()
 
     # -- start-up -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -62,17 +100,156 @@ class Runtime:
         self.store = await self.in_store(self._open_store)
         self.store_ready.set()
         log.info("vector store ready (%.1fs)", time.monotonic() - t0)
-        self.student = await student_f
+        version, self.student, reference = await student_f
+        self.student_version = version
+        self._set_drift_reference(reference, clear=False)
         self.models_ready.set()
-        log.info("student %s ready (%.1fs)", self.student.model_version, time.monotonic() - t0)
+        log.info("student %s ready (%.1fs); drift reference: %s", self.student.model_version,
+                 time.monotonic() - t0, self.drift_reference_source)
 
-    def _load_student(self) -> "StudentBackend":
-        """The base student plus the registry's CURRENT adapter, if one was promoted."""
+    def _load_student(self) -> tuple[str | None, "StudentBackend", DriftReference | None]:
+        """The registry's CURRENT version (the base student when none was promoted), its drift reference."""
+        version = self.registry.current()
+        return (version, *self._load_version(version))
+
+    def _load_version(self, version: str | None) -> tuple["StudentBackend", DriftReference | None]:
+        """Blocking: build the student for a registry version (``None``: the base one) and read its drift
+        reference if it has one."""
         from models.student import load_student
-        from retrain.registry import ModelRegistry
 
-        adapter = ModelRegistry.for_settings(self.settings).current_adapter_dir()
-        return load_student(self.settings, adapter_dir=adapter) if adapter else load_student(self.settings)
+        if version is None:
+            student = load_student(self.settings)
+        else:
+            if not self.registry.exists(version):
+                raise KeyError(f"no model version {version!r} in {self.registry.root}")
+            student = load_student(self.settings, adapter_dir=self.registry.adapter_dir(version))
+        expected = self.registry.model_version(version, self.settings)
+        if student.model_version != expected:
+            raise ValueError(f"loaded student reports {student.model_version!r}, expected {expected!r}")
+        return student, self._read_drift_reference(version)
+
+    def _read_drift_reference(self, version: str | None) -> DriftReference | None:
+        path = drift_reference_path(self.registry, version)
+        if path is None or not path.is_file():
+            return None
+        try:
+            return DriftReference.load(path)
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable drift reference %s: %s", path, exc)
+            return None
+
+    # -- hot swap ------------------------------------------------------------------------------------------
+    @property
+    def model_version(self) -> str | None:
+        return self.student.model_version if self.student is not None else None
+
+    async def swap_student(self, version: str | None, *, reason: str = "") -> SwapResult:
+        """Serve registry ``version`` (``None``: the base student) from now on, without blocking the loop.
+
+        Idempotent: asking for the version already served is a no-op. Swaps are serialised. A failed load
+        keeps the current student (logged, counted in ``model_swap_failures``).
+        """
+        await self.models_ready.wait()
+        async with self._swap_lock:
+            if version == self.student_version:
+                self.metrics["model_updates_noop"] += 1
+                log.info("model update for %s: already serving it", self.model_version)
+                return "noop"
+            target = self.registry.model_version(version, self.settings)
+            old = self.model_version
+            self.swap_in_progress = target
+            started = time.time()
+            log.info("hot swap %s -> %s (%s): loading", old, target, reason or "no reason given")
+            try:
+                student, reference = await asyncio.get_running_loop().run_in_executor(
+                    self._loader_pool, self._load_version, version)
+            except Exception as exc:
+                self.metrics["model_swap_failures"] += 1
+                log.exception("hot swap to %s failed; still serving %s", target, old)
+                self.last_swap = {"from": old, "to": target, "ok": False, "error": f"{type(exc).__name__}: {exc}",
+                                  "started_at": started, "finished_at": time.time(), "reason": reason}
+                return "failed"
+            finally:
+                self.swap_in_progress = None
+            # One assignment on the loop: batches already running keep the old object (and report its version).
+            self.student, self.student_version = student, version
+            self.metrics["model_swaps"] += 1
+            self._set_drift_reference(reference, clear=True)
+            finished = time.time()
+            self.last_swap = {"from": old, "to": target, "ok": True, "started_at": started, "finished_at": finished,
+                              "load_s": round(finished - started, 3), "reason": reason}
+            log.info("hot swap done: serving %s (loaded in %.1fs); drift reference: %s", target,
+                     finished - started, self.drift_reference_source)
+            return "swapped"
+
+    # -- drift ---------------------------------------------------------------------------------------------
+    def _set_drift_reference(self, reference: DriftReference | None, *, clear: bool) -> None:
+        """Measure drift against the serving version's reference file; without one, carry over the genre mix
+        the monitor already has (the stream's, not the student's) and judge the new version afresh."""
+        if reference is not None:
+            self.drift_reference_source = "file"
+        else:
+            reference = DriftReference(model_version=self.model_version, genres=self.drift.reference.genres)
+            self.drift_reference_source = "lazy" if reference.genres is not None else "pending"
+        self.drift.reset_reference(reference, clear=clear)
+
+    def drift_failed(self, what: str) -> None:
+        # Monitoring must never stop the stream (e.g. a reference file whose centroid has another dimension).
+        self.metrics["drift_errors"] += 1
+        if self.metrics["drift_errors"] <= 3:
+            log.exception("drift monitor: %s failed (counted in drift_errors; the stream goes on)", what)
+
+    def observe_recommendation(self, rec: Any) -> None:
+        try:
+            self.drift.on_recommendation(rec)
+        except Exception:
+            self.drift_failed("on_recommendation")
+
+    def observe_rationale(self, vector: np.ndarray) -> None:
+        try:
+            self.drift.on_rationale(vector)
+        except Exception:
+            self.drift_failed("on_rationale")
+
+    def drift_snapshot(self) -> dict[str, Any]:
+        try:
+            snap = self.drift.snapshot()
+        except Exception as exc:
+            self.drift_failed("snapshot")
+            snap = {"error": f"{type(exc).__name__}: {exc}"}
+        return {**snap, "reference_source": self.drift_reference_source, "last_decision": self.drift_last_decision}
+
+    def observe_event(self, user_id: str, item_id: str, genres: Sequence[str]) -> None:
+        """Feed one applied interaction to the drift monitor; take the lazy genre reference once the first
+        full window is in."""
+        try:
+            self._observe_event(user_id, item_id, genres)
+        except Exception:
+            self.drift_failed("on_event")
+
+    def _observe_event(self, user_id: str, item_id: str, genres: Sequence[str]) -> None:
+        self.drift.on_event(user_id, item_id, genres)
+        if self.drift.reference.genres is None and len(self.drift.genres) >= self.settings.drift_window_events:
+            ref = self.drift.reference
+            self.drift.reset_reference(ref.model_copy(update={
+                "genres": self.drift.genres.snapshot(), "model_version": ref.model_version or self.model_version,
+            }), clear=False)
+            self.drift_reference_source = "file+lazy-genres" if self.drift_reference_source == "file" else "lazy"
+            log.info("drift: genre reference taken from the first %d events", len(self.drift.genres))
+
+    async def item_genres(self, item_id: str) -> tuple[str, ...]:
+        """The item's catalogue genres (``()`` if unknown): cached; a miss costs one store lookup, once."""
+        genres = self._genres.get(item_id)
+        if genres is not None:
+            self._genres.move_to_end(item_id)
+            return genres
+        assert self.store is not None
+        meta = await self.in_store(self.store.get_items, [item_id])
+        genres = tuple(str(g) for g in ((meta.get(item_id) or {}).get("genres") or ()))
+        self._genres[item_id] = genres
+        if len(self._genres) > GENRE_CACHE_SIZE:
+            self._genres.popitem(last=False)
+        return genres
 
     def _open_store(self) -> "VectorStore":
         from streams.datasets import load_items
@@ -93,7 +270,7 @@ class Runtime:
     def close(self) -> None:
         if self.store is not None:
             self._store_pool.submit(self.store.close).result(timeout=30)
-        for pool in (self._store_pool, self._encoder_pool, self._student_pool):
+        for pool in (self._store_pool, self._encoder_pool, self._student_pool, self._loader_pool):
             pool.shutdown(wait=False, cancel_futures=True)
 
     # -- off-loop calls ------------------------------------------------------------------------------------
@@ -104,11 +281,14 @@ class Runtime:
         assert self.encoder is not None
         return await asyncio.get_running_loop().run_in_executor(self._encoder_pool, self.encoder.encode, list(texts))
 
-    async def generate(self, batch: Sequence[list[dict[str, str]]]) -> list[str]:
-        """One batched student call with a deadline. The thread cannot be killed; on timeout we stop
-        waiting, and the pool's size still bounds how many calls run."""
-        assert self.student is not None
-        fut = asyncio.get_running_loop().run_in_executor(self._student_pool, self.student.generate, list(batch))
+    async def generate(self, batch: Sequence[list[dict[str, str]]],
+                       student: "StudentBackend | None" = None) -> list[str]:
+        """One batched student call with a deadline, on ``student`` (default: the serving one; pass the one
+        you will attribute the output to, since a hot swap may replace ``self.student`` meanwhile). The
+        thread cannot be killed; on timeout we stop waiting, and the pool's size still bounds how many run."""
+        student = student or self.student
+        assert student is not None
+        fut = asyncio.get_running_loop().run_in_executor(self._student_pool, student.generate, list(batch))
         try:
             return await asyncio.wait_for(fut, timeout=self.settings.student_deadline_s)
         except asyncio.TimeoutError:

@@ -16,7 +16,10 @@ class Health(View):
         return self.json({
             "store_ready": runtime.store_ready.is_set(),
             "models_ready": runtime.models_ready.is_set(),
-            "student": runtime.student.model_version if runtime.student else None,
+            "student": runtime.model_version,
+            "model_version": runtime.model_version,
+            "registry_version": runtime.student_version,
+            "model_swap_in_progress": runtime.swap_in_progress,
             # Table state is complete only once changelog recovery has finished.
             "recovery_completed": app.tables.recovery.completed.is_set(),
             "assigned_partitions": len(app.assignor.assigned_actives()),
@@ -27,7 +30,14 @@ class Health(View):
 @app.page("/metrics/")
 class Metrics(View):
     async def get(self, request: Request) -> Response:
-        return self.json(dict(runtime.metrics))
+        return self.json({
+            "model_swaps": 0,
+            "model_swap_failures": 0,
+            **runtime.metrics,
+            "student_model_version": runtime.model_version,
+            "last_model_swap": runtime.last_swap,
+            "drift": runtime.drift_snapshot(),
+        })
 
 
 @app.page("/window/{user_id}/")

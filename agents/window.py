@@ -56,6 +56,8 @@ async def window_agent(stream):  # type: ignore[no-untyped-def]
             state = apply_event(state, ev, msg.partition, msg.offset, s.window_size, s.recent_event_ids)
             windows[ev.user_id] = state.model_dump(mode="json")
             runtime.metrics["events_applied"] += 1
+            # Drift: judged against the user's last recommendation, before this event's own goes out.
+            runtime.observe_event(ev.user_id, ev.item_id, await runtime.item_genres(ev.item_id))
 
         await rationale_requests_topic.send(
             key=ev.user_id.encode(),
@@ -64,4 +66,5 @@ async def window_agent(stream):  # type: ignore[no-untyped-def]
         runtime.metrics["rationale_requests"] += 1
         rec = await build_recommendation(runtime, state, RecommendationPath.fast)
         await recommendations_topic.send(key=ev.user_id.encode(), value=rec.model_dump_json().encode())
+        runtime.observe_recommendation(rec)
         runtime.metrics["recommendations_fast"] += 1

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -160,6 +160,49 @@ def item_vectors(item_ids: Sequence[str], catalogue: dict[str, Item], encoder: A
 
 
 # --------------------------------------------------------------------------------------------------------
+# one window -> one outcome-filtered record (shared by the offline job and the retrain cycle)
+
+
+async def teacher_record(
+    w: RationaleWindow,
+    *,
+    user_id: str,
+    item_ids: Sequence[str],
+    catalogue: dict[str, Item],
+    teacher: TeacherClient,
+    encoder: Any,
+    item_vecs: Callable[[], Awaitable[np.ndarray]],
+    samples: int,
+    window_size: int,
+    temperature: float,
+    max_tokens: int | None,
+    seed: int,
+    teacher_id: str,
+    dataset_version: str,
+    messages: list[dict[str, str]] | None = None,
+) -> RationaleRecord | None:
+    """Ask the teacher for ``samples`` rationales of the SLIM prompt over ``w.window`` (seeded per window),
+    keep the one whose embedding best retrieves ``w.targets`` (:func:`select_best`). ``item_vecs()`` gives
+    the item-text vectors (rows = ``item_ids``), awaited only once the teacher has answered. ``messages``:
+    the prompt to send instead of the default one over the window's titles (e.g. the stream's, with event
+    types and ratings). None when every sample is empty."""
+    if messages is None:
+        messages = build_slim_messages(prompt_items(w.window, item_ids, catalogue), window_size)
+    texts = await teacher.complete(messages, n=samples, temperature=temperature, max_tokens=max_tokens,
+                                   seed=(seed * 1_000_003 + w.user) % 2**31)
+    texts = [t.strip() for t in texts if t and t.strip()]
+    if not texts:
+        return None
+    vecs = await item_vecs()
+    rv = await asyncio.to_thread(encoder.encode, texts)
+    best, scores = select_best(np.asarray(rv, dtype=np.float32), vecs, w)
+    return RationaleRecord(
+        user_id=user_id, window=[item_ids[i] for i in w.window], target_items=[item_ids[i] for i in w.targets],
+        messages=messages, rationale=texts[best], teacher=teacher_id, score=scores[best],
+        prompt_version=PROMPT_VERSION, dataset_version=dataset_version)
+
+
+# --------------------------------------------------------------------------------------------------------
 # the job
 
 
@@ -280,26 +323,24 @@ async def generate_rationales(
 
     with path.open("a", encoding="utf-8") as fh:
 
+        async def item_vecs() -> np.ndarray:
+            nonlocal vecs
+            async with vecs_lock:
+                if vecs is None:
+                    vecs = await asyncio.to_thread(item_vectors, train.item_ids, catalogue, encoder, out_dir)
+            return vecs
+
         async def one(w: RationaleWindow) -> None:
-            nonlocal written, empty, vecs
+            nonlocal written, empty
             async with limit:
-                messages = build_slim_messages(prompt_items(w.window, train.item_ids, catalogue), window_size)
-                texts = await teacher.complete(messages, n=samples, temperature=temperature, max_tokens=max_tokens,
-                                               seed=(seed * 1_000_003 + w.user) % 2**31)
-                texts = [t.strip() for t in texts if t and t.strip()]
-                if not texts:
+                record = await teacher_record(
+                    w, user_id=train.user_ids[w.user], item_ids=train.item_ids, catalogue=catalogue, teacher=teacher,
+                    encoder=encoder, item_vecs=item_vecs, samples=samples, window_size=window_size,
+                    temperature=temperature, max_tokens=max_tokens, seed=seed, teacher_id=teacher_id,
+                    dataset_version=version)
+                if record is None:
                     empty += 1
                     return
-                async with vecs_lock:
-                    if vecs is None:
-                        vecs = await asyncio.to_thread(item_vectors, train.item_ids, catalogue, encoder, out_dir)
-                rv = await asyncio.to_thread(encoder.encode, texts)
-                best, scores = select_best(np.asarray(rv, dtype=np.float32), vecs, w)
-                record = RationaleRecord(
-                    user_id=train.user_ids[w.user], window=[train.item_ids[i] for i in w.window],
-                    target_items=[train.item_ids[i] for i in w.targets], messages=messages,
-                    rationale=texts[best], teacher=teacher_id, score=scores[best], prompt_version=PROMPT_VERSION,
-                    dataset_version=version)
                 fh.write(record.model_dump_json() + "\n")  # one line, no await in between: never interleaved
                 fh.flush()
                 written += 1
@@ -333,4 +374,5 @@ __all__ = [
     "outcome_score",
     "select_best",
     "select_users",
+    "teacher_record",
 ]

@@ -51,17 +51,18 @@ settings = get_settings()
 app = create_app(settings)
 
 
-def _bytes_topic(name: str) -> faust.TopicT:
+def _bytes_topic(name: str, partitions: int | None = None) -> faust.TopicT:
     """Keys and values stay bytes: the agents validate and serialise with the pydantic contracts themselves,
     so a malformed record reaches the agent (and the dead-letter topic) instead of failing in Faust's codec."""
     return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-                     partitions=settings.topic_partitions)
+                     partitions=partitions or settings.topic_partitions)
 
 
 interactions_topic = _bytes_topic(settings.topic_interactions)
 recommendations_topic = _bytes_topic(settings.topic_recommendations)
 dead_letter_topic = _bytes_topic(settings.topic_dead_letter)
 rationale_requests_topic = _bytes_topic(settings.topic_rationale_requests)
+drift_topic = _bytes_topic(settings.topic_drift, partitions=1)  # written only; model-updates: agents/model_updates.py
 
 # user_id -> WindowState as a JSON dict. Co-partitioned with interactions and rationale requests.
 windows = app.Table(

@@ -359,7 +359,7 @@ def distill(
 
 
 # --- models (the adapter registry) -----------------------------------------------------------------------
-models_cli = typer.Typer(no_args_is_help=True, help="Distilled student versions (the registry): list, promote, rollback.")
+models_cli = typer.Typer(no_args_is_help=True, help="Distilled student versions (the registry): list, promote, rollback, publish.")
 cli.add_typer(models_cli, name="models")
 
 
@@ -386,29 +386,80 @@ def models_list(
         console.print("(no CURRENT version: the base model)")
 
 
+_NO_PUBLISH_HELP = "change the registry only (offline); running workers switch at their next start"
+
+
+def _announce(reg, action: str, reason: str) -> None:  # type: ignore[no-untyped-def]
+    """Publish the registry's new state as a ModelUpdate; a broker failure is one line and exit 1, the
+    registry change stays (the registry is the source of truth; `models publish` re-announces it)."""
+    from aiokafka.errors import KafkaError
+
+    from streams.model_updates import model_update_for, publish_model_update_sync
+
+    settings = get_settings()
+    update = model_update_for(reg, settings, action, reason)  # type: ignore[arg-type]
+    kafka_log = logging.getLogger("aiokafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)  # its per-attempt connection errors: the one line below says it
+    try:
+        publish_model_update_sync(settings, update)
+    except KafkaError as exc:
+        _fail(f"CURRENT is {update.version or 'the base model'} in {reg.root}, but the model update was not "
+              f"published to Kafka at {settings.kafka_bootstrap_servers} (KAFKA_BOOTSTRAP_SERVERS): "
+              f"{str(exc) or type(exc).__name__}; running workers keep their student until they restart or "
+              "`slimstream models publish` succeeds")
+    finally:
+        kafka_log.setLevel(level)
+    console.print(f"published model update {update.event_id} to {settings.topic_model_updates!r}: "
+                  f"{update.model_version}")
+
+
 @models_cli.command("promote")
 def models_promote(
     version: Annotated[str, typer.Argument(help="registry version")],
     registry: Annotated[Optional[Path], typer.Option(help="model registry directory")] = None,
+    no_publish: Annotated[bool, typer.Option("--no-publish", help=_NO_PUBLISH_HELP)] = False,
+    reason: Annotated[str, typer.Option(help="recorded in the history and the update")] = "cli",
 ) -> None:
-    """Make VERSION the registry's CURRENT one (workers load it when they start)."""
+    """Make VERSION the registry's CURRENT one and tell the running workers to hot-swap to it."""
+    reg = _registry(registry)
     try:
-        _registry(registry).promote(version, reason="cli")
+        reg.promote(version, reason=reason)
     except (KeyError, ValueError) as exc:
         _fail(str(exc).strip("'\""), 2)
     console.print(f"CURRENT: {version}")
+    if not no_publish:
+        _announce(reg, "promote", reason)
 
 
 @models_cli.command("rollback")
 def models_rollback(
     registry: Annotated[Optional[Path], typer.Option(help="model registry directory")] = None,
+    no_publish: Annotated[bool, typer.Option("--no-publish", help=_NO_PUBLISH_HELP)] = False,
+    reason: Annotated[str, typer.Option(help="recorded in the history and the update")] = "cli",
 ) -> None:
-    """Make CURRENT the version that was current before the last promote (or the base model)."""
+    """Make CURRENT the version that was current before the last promote (or the base model); workers swap."""
+    reg = _registry(registry)
     try:
-        version = _registry(registry).rollback(reason="cli")
+        version = reg.rollback(reason=reason)
     except LookupError as exc:
         _fail(str(exc).strip("'\""), 2)
     console.print(f"CURRENT: {version or 'none (the base model)'}")
+    if not no_publish:
+        _announce(reg, "rollback", reason)
+
+
+@models_cli.command("publish")
+def models_publish(
+    registry: Annotated[Optional[Path], typer.Option(help="model registry directory")] = None,
+    reason: Annotated[str, typer.Option(help="sent with the update")] = "republish",
+) -> None:
+    """Announce the registry's CURRENT to the running workers again (after --no-publish or a failed publish)."""
+    reg = _registry(registry)
+    history = reg.history()
+    action = "rollback" if history and history[-1].get("action") == "rollback" else "promote"
+    console.print(f"CURRENT: {reg.current() or 'none (the base model)'}")
+    _announce(reg, action, reason)
 
 
 # --- serve-teacher ---------------------------------------------------------------------------------------
@@ -571,6 +622,107 @@ def teacher_rationales(
                   + (f", {result.empty} with only empty samples" if result.empty else "") + "); "
                   f"teacher: {result.teacher_stats['http_requests']} requests, "
                   f"{result.teacher_stats['cache_hits']} cached, ${result.teacher_stats['cost_usd']:.4f}")
+
+
+# --- retrain ---------------------------------------------------------------------------------------------
+@cli.command()
+def retrain(
+    every: Annotated[Optional[str], typer.Option(help="run a cycle now and then every DURATION (90s, 30m, 1h, 1h30m); "
+                                                     "a drift decision on the drift topic wakes it early")] = None,
+    data: Annotated[Optional[str], typer.Option(help="offline source instead of the interactions topic: ml-100k, "
+                                                    "ml-1m or a directory of interactions + items files")] = None,
+    max_events: Annotated[Optional[int], typer.Option(min=1, help="most recent events per cycle (with --data: the "
+                                                                  "dataset's last N); default SLIMSTREAM_RETRAIN_MAX_EVENTS")] = None,
+    max_users: Annotated[Optional[int], typer.Option(min=2, help="drifted users per cycle (default SLIMSTREAM_RETRAIN_MAX_USERS)")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="training steps (default SLIMSTREAM_RETRAIN_MAX_STEPS)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="build and evaluate the candidate, never promote it")] = False,
+    registry: Annotated[Optional[Path], typer.Option(help="model registry directory (default <data_dir>/registry)")] = None,
+) -> None:
+    """Retrain: drifted users' recent events -> teacher rationales -> continue-trained student -> gate -> registry.
+
+    One cycle, or with --every one cycle per period. A candidate that passes the gate is promoted and announced
+    to the workers (model-updates topic); a rejected one stays in the registry, unpromoted.
+    """
+    from models.teacher import TeacherError
+    from retrain.cycle import default_publisher, parse_duration, retrain_every, retrain_once
+
+    interval = None
+    if every is not None:
+        try:
+            interval = parse_duration(every)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--every") from None
+    if data is not None:
+        from streams.datasets import load_items
+
+        try:
+            load_items(data)
+        except (ValueError, FileNotFoundError) as exc:
+            _fail(f"--data: {exc}", 2)
+    settings = get_settings()
+    if max_steps is not None:
+        settings = settings.model_copy(update={"retrain_max_steps": max_steps})
+    reg = _registry(registry)
+    announce = default_publisher(settings, reg)
+
+    def publish(**update: object) -> None:
+        kafka_log = logging.getLogger("aiokafka")
+        level = kafka_log.level
+        kafka_log.setLevel(logging.CRITICAL)  # its per-attempt connection errors: one line below says it
+        try:
+            announce(**update)
+        finally:
+            kafka_log.setLevel(level)
+
+    def say(message: str, style: str = "") -> None:
+        import time
+
+        from rich.markup import escape
+
+        text = escape(message) if not style else f"[{style}]{escape(message)}[/]"
+        console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {text}", soft_wrap=True)
+
+    def cycle(reason: object) -> object:
+        return retrain_once(settings, data=data, registry=reg, drift_reason=reason,
+                            publish=None if dry_run else publish, dry_run=dry_run,
+                            max_users=max_users, max_events=max_events, progress=say)
+
+    def show(result) -> None:  # type: ignore[no-untyped-def]
+        if result.status == "skipped":
+            say(f"skipped: {result.reason}")
+            return
+        cand, cur = result.candidate_metrics or {}, result.current_metrics or {}
+        say(f"{result.version} ({result.status}): NDCG@10 {cand.get('ndcg@10', float('nan')):.4f} vs "
+            f"{cur.get('ndcg@10', float('nan')):.4f}, HR@10 {cand.get('hr@10', float('nan')):.4f} vs "
+            f"{cur.get('hr@10', float('nan')):.4f} (candidate vs {result.parent_version or 'base'}) on "
+            f"{len(result.heldout_users)} held-out users; {result.new_records} new + {result.replay_records} "
+            f"replayed records; {result.reason}")
+        if result.status == "promoted" and result.publish_error:
+            say(f"CURRENT is {result.version}, but the model update was not published ({result.publish_error}); "
+                "`slimstream models publish` re-announces it", "yellow")
+
+    if interval is None:
+        try:
+            show(cycle(None))
+        except TeacherError as exc:
+            _fail(f"teacher at {settings.teacher_url} (SLIMSTREAM_TEACHER_URL) failed: {exc}")
+        except (ValueError, FileNotFoundError) as exc:
+            _fail(str(exc))
+        return
+
+    def failed(exc: BaseException) -> None:
+        say(f"cycle failed: {' '.join(str(exc).split()) or type(exc).__name__}; next one on schedule", "red")
+
+    say(f"retraining every {every} (and at once on a drift decision, if the drift topic exists); Ctrl-C stops")
+    try:
+        asyncio.run(retrain_every(interval, cycle, settings, on_result=show, on_error=failed))
+    except KeyboardInterrupt:
+        # A cycle may be running in a thread (training cannot be interrupted); every registry change is atomic,
+        # so leave now instead of waiting for it.
+        console.print("stopped")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 # --- schemas ---------------------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ from __future__ import annotations
 import base64
 import json
 import time
+import uuid
+from datetime import datetime, timezone
 from enum import Enum
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -113,6 +115,28 @@ class RationaleRequest(BaseModel):
     requested_at: float = Field(default_factory=time.time)
 
 
+class ModelUpdate(BaseModel):
+    """The registry's CURRENT student changed (``slimstream models promote`` / ``rollback``, or a retrain job).
+
+    Topic ``model-updates`` (one partition, key ``model``): every worker reads all of it without a consumer
+    group and swaps its student to ``version`` without a restart. Delivery is at least once; an update for
+    the version a worker already serves is a no-op.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: str = Field(default_factory=lambda: str(uuid.uuid4()), description="uuid4 of this update.")
+    action: Literal["promote", "rollback"]
+    version: str | None = Field(description="Registry version now CURRENT; null: the base student.")
+    previous: str | None = Field(description="Version served before this change; null: the base student.")
+    model_version: str = Field(
+        description="What recommendations report from now on, e.g. 'smollm2-135m-instruct-base+v0002'."
+    )
+    registry_dir: str = Field(description="The registry the change was made in (as the publisher saw it).")
+    reason: str = ""
+    published_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """``field: message; ...``: short enough for a dead letter or a CLI line."""
     return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors())
@@ -140,16 +164,25 @@ def parse_event(value: bytes | None, max_bytes: int) -> InteractionEvent:
         raise InvalidEvent(f"invalid event: {describe_validation_error(exc)}") from None
 
 
+def _drift_decision() -> type[BaseModel]:
+    from retrain.drift import DriftDecision  # the drift topic's contract lives with the drift monitor
+
+    return DriftDecision
+
+
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "InteractionEvent": InteractionEvent,
     "Recommendation": Recommendation,
     "DeadLetter": DeadLetter,
+    "ModelUpdate": ModelUpdate,
+    "DriftDecision": _drift_decision(),
 }
 
 __all__ = [
     "DeadLetter",
     "InteractionEvent",
     "InvalidEvent",
+    "ModelUpdate",
     "RationaleRequest",
     "Recommendation",
     "RecommendationPath",

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     topic_recommendations: str = "recommendations"
     topic_dead_letter: str = "interactions.dlq"
     topic_rationale_requests: str = "rationale-requests"
+    topic_model_updates: str = Field("model-updates", description="ModelUpdate broadcasts (1 partition, key 'model').")
+    topic_drift: str = Field("drift-decisions", description="DriftDecision events from the workers (1 partition).")
     topic_partitions: int = Field(4, ge=1, description="Partitions of every topic (Tansu auto-creates with 4).")
     topic_replication: int = Field(1, ge=1)
     # Tansu answers ListOffsets(latest) with the last *batch's* base offset + 1, so a changelog batch of
@@ -78,6 +80,31 @@ class Settings(BaseSettings):
     # lets a stable stream's genre PSI pass 0.2 (measured: up to 0.73 at 200 events, 0.25 at a full 2,000 window).
     drift_min_events: int = Field(2000, ge=1, description="No drift decision before this many events/samples.")
     drift_window_events: int = Field(5000, ge=1, description="Rolling window of every drift signal, in events.")
+    drift_check_every_s: float = Field(60.0, gt=0, description="How often the worker asks its DriftMonitor to decide.")
+    drift_cooldown_s: float = Field(900.0, ge=0, description="At most one published drift decision per this many seconds.")
+
+    # --- retrain loop (retrain/cycle.py, retrain/gate.py; `slimstream retrain`) -----------------------------
+    retrain_gate_margin: float = Field(
+        0.0, ge=-1, le=1, description="Promote when candidate metric >= current - margin (0: not worse; < 0: must improve)."
+    )
+    retrain_gate_metric: Literal["ndcg@10", "hr@10"] = Field("ndcg@10", description="Held-out metric the gate compares.")
+    retrain_max_users: int = Field(64, ge=2, description="Most drifted users taken per cycle (train + held out).")
+    retrain_holdout_users: float = Field(0.25, gt=0, lt=1, description="Seeded share of those users kept for evaluation only.")
+    retrain_replay_fraction: float = Field(
+        0.5, ge=0, description="Earlier records replayed per new record (drawn from the serving version's datasets)."
+    )
+    retrain_max_steps: int = Field(20, ge=1, description="Optimizer steps of one continue-training run.")
+    retrain_lr: float = Field(1e-4, gt=0, description="Peak learning rate of the continue-training run.")
+    retrain_batch_size: int = Field(4, ge=1)
+    retrain_max_seq_len: int = Field(768, ge=32, description="Prompt + rationale tokens per training example.")
+    retrain_window_size: int | None = Field(None, ge=1, description="Window items per prompt; default window_size.")
+    retrain_targets: int = Field(3, ge=1, description="Next items after a training window that score teacher samples.")
+    retrain_holdout_events: int = Field(3, ge=1, description="Last events of a held-out user that are its evaluation targets.")
+    retrain_samples: int = Field(4, ge=1, description="Teacher samples per window; the best by outcome score is kept.")
+    retrain_temperature: float = Field(0.8, gt=0, description="Teacher sampling temperature.")
+    retrain_teacher_max_tokens: int | None = Field(None, ge=1, description="Tokens per teacher rationale; default teacher_max_tokens.")
+    retrain_max_events: int = Field(20_000, ge=1, description="Most recent events one cycle reads (older ones are skipped).")
+    retrain_seed: int = Field(0, description="Seed of the held-out draw, the replay sample and training.")
 
     # --- teacher (any OpenAI-compatible chat endpoint; models/teacher.py) -------------------------------------
     teacher_url: str = Field("http://127.0.0.1:8000/v1", description="Base URL of the OpenAI-compatible API (.../v1).")

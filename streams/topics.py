@@ -9,6 +9,7 @@ needs equal partition counts.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -37,6 +38,9 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(settings.topic_rationale_requests, p, r, purpose="internal: coalesced rationale requests"),
         TopicSpec(settings.changelog_topic(WINDOWS_TABLE), p, r, compacted=True,
                   purpose="internal: behaviour-window table changelog"),
+        # Broadcast, not partitioned work: every worker reads all of it without a consumer group, in order.
+        TopicSpec(settings.topic_model_updates, 1, r, purpose="ModelUpdate: promote/rollback, key 'model'"),
+        TopicSpec(settings.topic_drift, 1, r, purpose="DriftDecision from the workers' drift monitors"),
     ]
 
 
@@ -44,9 +48,11 @@ class TopicMismatch(RuntimeError):
     pass
 
 
-async def ensure_topics(settings: Settings, timeout: float = 30.0) -> dict[str, int]:
-    """Create missing topics; fail loudly if an existing one has the wrong partition count."""
-    specs = topic_specs(settings)
+async def ensure_topics(settings: Settings, timeout: float = 30.0,
+                        names: Collection[str] | None = None) -> dict[str, int]:
+    """Create missing topics (all of the app's, or only ``names``); fail loudly if an existing one has the
+    wrong partition count. Raises ``KafkaConnectionError`` when no broker answers within ``timeout``."""
+    specs = [s for s in topic_specs(settings) if names is None or s.name in names]
     admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=10_000)
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
@@ -55,6 +61,7 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0) -> dict[str, 
             break
         except KafkaConnectionError:
             if asyncio.get_running_loop().time() > deadline:
+                await admin.close()
                 raise
             await asyncio.sleep(0.5)
     try:
