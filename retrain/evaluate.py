@@ -290,6 +290,7 @@ def run_evaluation(
     encoder: TextEncoder | None = None,
     batch_size: int = 512,
     adapter_dir: str | Path | None = None,
+    keep_going: bool = False,
     plots: bool = True,
     progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
@@ -300,7 +301,8 @@ def run_evaluation(
     ``limit_users``: keep only this many (seeded) users before splitting — a quick slice for smoke runs.
     ``sasrec_config``: a :class:`models.sasrec.SASRecConfig`; its epochs and seed are set from
     ``sasrec_epochs`` and ``seed``. ``encoder``: a TextEncoder for the text methods (default: the configured
-    MiniLM). Deterministic for a given seed (SASRec: on the same torch thread count).
+    MiniLM). ``keep_going``: a method that raises is recorded under ``failed`` and the run goes on (default:
+    the error propagates). Deterministic for a given seed (SASRec: on the same torch thread count).
     """
     t_start = time.monotonic()
     settings = settings or Settings()
@@ -336,18 +338,29 @@ def run_evaluation(
                       sample=sample, adapter_dir=None if adapter_dir is None else Path(adapter_dir))
     results: dict[str, dict[str, Any]] = {"all": {}, "sample": {}}
     method_info: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
     for method in resolved:
         report(f"fitting {method.key}")
-        t0 = time.monotonic()
-        ranker = method.build(ctx)
-        ranker.fit(data)
-        fit_s = time.monotonic() - t0
-        done += 1
-        users = sample if method.sample_only else all_users
-        report(f"scoring {ranker.name} on {len(users)} users")
-        t0 = time.monotonic()
-        per_user = _score(ranker, users, test, negatives, split.n_items, batch_size)
-        score_s = time.monotonic() - t0
+        done_before = done
+        try:
+            t0 = time.monotonic()
+            ranker = method.build(ctx)
+            ranker.fit(data)
+            fit_s = time.monotonic() - t0
+            done += 1
+            users = sample if method.sample_only else all_users
+            report(f"scoring {ranker.name} on {len(users)} users")
+            t0 = time.monotonic()
+            per_user = _score(ranker, users, test, negatives, split.n_items, batch_size)
+            score_s = time.monotonic() - t0
+        except Exception as exc:
+            if not keep_going:
+                raise
+            # A long run (LLM methods take an hour on a CPU) keeps what the other methods measured.
+            failed[method.key] = f"{type(exc).__name__}: {exc}"
+            done = done_before + 2
+            report(f"{method.key} failed: {failed[method.key]}")
+            continue
         done += 1
         if not method.sample_only:
             results["all"][method.key] = _metric_block(per_user, counts, split.n_items, split.n_users, ci, seed)
@@ -376,6 +389,7 @@ def run_evaluation(
         # Users with fewer never-interacted items than N_NEGATIVES are ranked against all of them.
         "negatives": {"per_user": N_NEGATIVES, "users_with_fewer": int((negatives == 0).any(axis=1).sum())},
         "methods": method_info,
+        "failed": failed,
         "results": results,
     }
     files = ["results.json", "results.md"]
@@ -464,6 +478,8 @@ def _markdown(out: dict[str, Any]) -> str:
                      _fmt(f["coverage@10"]), _fmt(f["avg_pop@10"]), _fmt(sm["HR@10"]), _fmt(sm["HR@20"]),
                      _fmt(sm["NDCG@10"]), _fmt(sm["NDCG@20"])]
             lines.append("| " + " | ".join(cells) + " |")
+    if out.get("failed"):
+        lines += ["", "## Failed methods", ""] + [f"- `{k}`: {v}" for k, v in out["failed"].items()]
     lines += ["", "## Methods", "", "| method | users | fit (s) | score (s) | notes |", "|---|---|---|---|---|"]
     for m in out["methods"]:
         note = ""

@@ -549,7 +549,7 @@ def evaluate(
             result = run_evaluation(
                 source, names, sample_users=sample_users or None, seed=seed, out_dir=out, sasrec_epochs=sasrec_epochs,
                 run_name=run, limit_users=limit_users, sasrec_config=config,
-                ci="bootstrap" if bootstrap else "normal", settings=settings, adapter_dir=adapter,
+                ci="bootstrap" if bootstrap else "normal", settings=settings, adapter_dir=adapter, keep_going=True,
                 progress=lambda message, done, total: progress.update(task, description=message, completed=done,
                                                                       total=total))
         except (ValueError, FileNotFoundError) as exc:  # unknown source, malformed files, too few users
@@ -565,6 +565,10 @@ def evaluate(
             console.print(f"  {names_by_key[key]:<38} {f['HR@10']['mean']:.4f} / {f['NDCG@10']['mean']:.4f} | "
                           f"{s['HR@10']['mean']:.4f} / {s['NDCG@10']['mean']:.4f}")
     console.print(f"report: {result['run_dir']}/results.md ({result['elapsed_s']:.0f} s)")
+    for key, error in result["failed"].items():
+        print(f"slimstream: error: method {key} failed: {' '.join(error.split())}", file=sys.stderr)
+    if result["failed"]:
+        raise typer.Exit(1)
 
 
 # --- teacher-rationales ---------------------------------------------------------------------------------

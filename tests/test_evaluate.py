@@ -125,3 +125,16 @@ def test_baseline_runs_are_deterministic(tmp_path: Path) -> None:
     assert a["results"] == b["results"]
     c = run_evaluation(run_name="c", **(kwargs | {"seed": 1}))
     assert c["results"] != a["results"]
+
+
+def test_a_failing_method_is_recorded_and_the_others_kept(tmp_path: Path) -> None:
+    def broken(ctx):  # type: ignore[no-untyped-def]
+        raise RuntimeError("teacher unreachable")
+
+    methods = ["popularity", Method("broken", broken, sample_only=True), "random"]
+    out = run_evaluation(methods=methods, out_dir=tmp_path, plots=True, run_name="k", keep_going=True, **SLICE)
+    assert out["failed"] == {"broken": "RuntimeError: teacher unreachable"}
+    assert set(out["results"]["all"]) == {"popularity", "random"}
+    assert "## Failed methods" in (tmp_path / "k" / "results.md").read_text()
+    with pytest.raises(RuntimeError, match="unreachable"):  # without keep_going the error propagates
+        run_evaluation(methods=methods, out_dir=tmp_path, plots=False, run_name="k2", **SLICE)
