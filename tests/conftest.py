@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,9 +28,22 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("slimstream-data")
 
 
+@pytest.fixture(scope="module")
+def indexed_qdrant(qdrant_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Qdrant local-mode directory with the full ML-1M catalogue, private to the test module.
+
+    Modules must not share one: rationale points are versioned per user (an older window version never
+    overwrites a newer one), so a module replaying the same ML-1M users on a fresh broker would find the
+    previous module's higher versions stored and its own rationales refused as stale.
+    """
+    path = tmp_path_factory.mktemp("qdrant") / "qdrant"
+    shutil.copytree(qdrant_template, path)
+    return path
+
+
 @pytest.fixture(scope="session")
-def indexed_qdrant(data_dir: Path) -> Path:
-    """A Qdrant local-mode directory holding the full ML-1M catalogue, indexed once per session."""
+def qdrant_template(data_dir: Path) -> Path:
+    """The ML-1M catalogue indexed into Qdrant local mode once per session (copied per module)."""
     from models.encoder import load_encoder
     from streams.datasets import load_items
     from vectorstore.catalogue import index_catalogue
