@@ -30,17 +30,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from models.serving.backend import Generation
-from models.student import adapter_name, postprocess_rationale, student_gguf_path
+from models.serving.backend import END_OF_TURN, Generation
+from models.student import adapter_digest, adapter_name, postprocess_rationale, student_gguf_path
 from streams.settings import Settings, get_settings
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
 
 log = logging.getLogger(__name__)
-
-_END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<end_of_turn>")
-
 
 def _require_llama_cpp() -> Any:
     try:
@@ -61,7 +58,7 @@ def _stop_strings(llm: Llama) -> list[str]:
     """End-of-turn markers the vocabulary has. SmolLM2's GGUF names the wrong EOS token, so generation must
     stop on ``<|im_end|>`` explicitly, not on the model's EOS alone."""
     out = []
-    for s in _END_OF_TURN:
+    for s in END_OF_TURN:
         toks = llm.tokenize(s.encode(), add_bos=False, special=True)
         if len(toks) == 1:
             out.append(s)
@@ -308,11 +305,8 @@ def export_student_gguf(settings: Settings, adapter_dir: str | os.PathLike[str] 
     base_gguf = student_gguf_path(settings)
     h = hashlib.sha256(f"{base_gguf.name}:{base_gguf.stat().st_size}".encode())
     if adapter_dir is not None:
-        adapter = Path(adapter_dir)
-        for f in sorted(adapter.glob("adapter_*")):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-        name = adapter_name(adapter)
+        h.update(adapter_digest(adapter_dir).encode())
+        name = adapter_name(adapter_dir)
     else:
         name = "base"
     out_dir = Path(settings.data_dir) / "student-gguf"

@@ -145,6 +145,17 @@ def load_base_model(
     return TransformersStudent._load_weights(settings, _gguf_path(settings), use_cache)
 
 
+def adapter_digest(adapter_dir: str | os.PathLike[str]) -> str:
+    """sha256 over the adapter's files (names and contents): identifies its weights wherever a cache is keyed
+    by them (the llama.cpp export, the evaluation's rationale cache), so an edited adapter is never mistaken
+    for the old one."""
+    h = hashlib.sha256()
+    for f in sorted(Path(adapter_dir).glob("adapter_*")):
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def adapter_name(adapter_dir: str | os.PathLike[str]) -> str:
     """The name an adapter adds to ``model_version``: its directory name, or, for the model registry's
     ``<registry>/<version>/adapter/`` layout (a ``manifest.json`` beside it), the version."""
@@ -356,6 +367,7 @@ def load_student(settings: Settings | None = None, **kwargs: object) -> StudentB
 __all__ = [
     "StudentBackend",
     "TransformersStudent",
+    "adapter_digest",
     "adapter_name",
     "default_model_dir",
     "load_base_model",

@@ -16,7 +16,6 @@ student are compared on the same backend and decoding.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.prompts import PromptItem
@@ -31,13 +30,11 @@ SLIM_METHODS = (*(f"slim-{g}" for g in GENERATORS), *(f"sasrec+slim-{g}" for g i
 
 
 def _item_prompts(ctx: EvalContext) -> list[PromptItem]:
-    catalogue = ctx.items()
-    out = [PromptItem(title="", year=None, genres=())]
-    for item_id in ctx.data.item_ids[1:]:
-        meta = catalogue.get(item_id)
-        out.append(PromptItem(title=meta.title if meta else item_id, year=meta.year if meta else None,
-                              genres=meta.genres if meta else ()))
-    return out
+    """The prompt entry of every item index (index 0, padding, is never shown)."""
+    from retrain.rationales import prompt_items
+
+    ids = ctx.data.item_ids
+    return [PromptItem(title="", year=None, genres=())] + prompt_items(range(1, len(ids)), ids, ctx.items())
 
 
 def _student_generator(ctx: EvalContext, distilled: bool) -> tuple[Generate, str, str]:
@@ -60,11 +57,9 @@ def _student_generator(ctx: EvalContext, distilled: bool) -> tuple[Generate, str
     gen_id = (f"student-{settings.student_backend}-{student.model_version}-"
               f"{settings.student_max_new_tokens}t")
     if distilled:  # the adapter's content, not only its name, identifies the generator
-        from models.fusion import RationaleCache
+        from models.student import adapter_digest
 
-        files = sorted(Path(kwargs["adapter_dir"]).glob("adapter_*"))
-        gen_id += "-" + RationaleCache.key([{"f": p.name, "s": str(p.stat().st_size),
-                                             "m": str(p.stat().st_mtime_ns)} for p in files])[:10]
+        gen_id += "-" + adapter_digest(kwargs["adapter_dir"])[:10]
     label = f"SLIM ID-agnostic, {'distilled' if distilled else 'base'} student ({student.model_version})"
     return student.generate, gen_id, label
 
@@ -128,9 +123,4 @@ def build_slim_method(key: str, ctx: EvalContext) -> Ranker:
     raise ValueError(f"unknown SLIM method {key!r}")
 
 
-def sample_only(key: str) -> bool:
-    """LLM methods run on the user sample; the text-mean control is cheap but is fitted on the sample too."""
-    return key in SLIM_METHODS
-
-
-__all__ = ["GENERATORS", "SLIM_METHODS", "build_slim_method", "rationale_vectors", "sample_only"]
+__all__ = ["GENERATORS", "SLIM_METHODS", "build_slim_method", "rationale_vectors"]

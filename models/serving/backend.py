@@ -52,7 +52,8 @@ class ChatBackend(Protocol):
     ) -> list[Generation]: ...
 
 
-_END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|eot_id|>", "<end_of_turn>")
+# End-of-turn markers of the chat templates we serve; generation stops on whichever the vocabulary has.
+END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|eot_id|>", "<end_of_turn>")
 
 
 class TransformersChatBackend:
@@ -70,7 +71,7 @@ class TransformersChatBackend:
         self.max_model_len: int | None = getattr(self.model.config, "max_position_embeddings", None)
         self.deadline_s = student.settings.student_deadline_s
         vocab = self.tokenizer.get_vocab()
-        stops = [vocab[t] for t in _END_OF_TURN if t in vocab]
+        stops = [vocab[t] for t in END_OF_TURN if t in vocab]
         if not stops and self.tokenizer.eos_token_id is not None:
             stops = [self.tokenizer.eos_token_id]
         if not stops:
@@ -192,4 +193,4 @@ class TransformersChatBackend:
         return out
 
 
-__all__ = ["ChatBackend", "Generation", "TransformersChatBackend"]
+__all__ = ["END_OF_TURN", "ChatBackend", "Generation", "TransformersChatBackend"]
