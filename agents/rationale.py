@@ -15,7 +15,7 @@ from agents.recommend import build_recommendation
 from agents.runtime import DeadlineExceeded
 from agents.state import runtime
 from models.prompts import PromptItem, build_slim_messages
-from models.student import postprocess_rationale
+from models.student import StudentError, postprocess_rationale
 from streams.app import app, rationale_requests_topic, recommendations_topic, windows
 from streams.events import RationaleRequest, RecommendationPath
 from streams.window import WindowState
@@ -72,8 +72,10 @@ async def _rationalise(states: list[WindowState]) -> None:
     t0 = time.monotonic()
     try:
         texts = await runtime.generate(prompts, student)
-    except DeadlineExceeded as exc:
+    except (DeadlineExceeded, StudentError) as exc:
         # The fast path already served these users; their next event asks again.
+        if isinstance(exc, StudentError):
+            runtime.metrics["student_errors"] += 1
         log.warning("%s; users %s keep their previous rationale", exc, [st.user_id for st in states])
         return
     runtime.metrics["student_calls"] += 1

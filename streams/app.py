@@ -26,6 +26,7 @@ def create_app(settings: Settings) -> faust.App:
         settings.app_id,
         broker=broker_url(settings.kafka_bootstrap_servers),
         store="memory://",  # state is rebuilt from the changelog on every start: no local files to lose
+        datadir=str(settings.data_dir / "faust"),  # Faust's own scratch dir; not ./<app_id>-data in the cwd
         processing_guarantee="at_least_once",  # Tansu has no InitProducerId; effects are idempotent instead
         topic_partitions=settings.topic_partitions,
         topic_replication_factor=settings.topic_replication,

@@ -139,6 +139,91 @@ def produce(
         raise typer.Exit(1)
 
 
+# --- replay ----------------------------------------------------------------------------------------------
+@cli.command()
+def replay(
+    users: Annotated[int, typer.Option(min=1, help="dataset users whose history is replayed")] = 8,
+    rate: Annotated[float, typer.Option(min=0.01, help="events per second")] = 5.0,
+    max_events: Annotated[int, typer.Option(min=1, help="events in all (max_events / users per user)")] = 400,
+    seed: Annotated[int, typer.Option(help="user sample seed")] = 7,
+    data: Annotated[Optional[str], typer.Option(help="ml-1m, ml-100k or a directory (default SLIMSTREAM_DATASET)")] = None,
+) -> None:
+    """Publish a seeded sample of a dataset's users' interactions, in time order, to the interactions topic."""
+    from streams.replay import publish, sample_replay, start_producer
+
+    settings = get_settings()
+    try:
+        events = sample_replay(data or settings.dataset, users, max_events, seed)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(f"--data: {exc}", 2)
+
+    async def run() -> int:
+        producer = await start_producer(settings)
+        try:
+            return await publish(producer, settings.topic_interactions, events, rate)
+        finally:
+            await producer.stop()
+
+    sent = asyncio.run(run())
+    console.print(f"sent {sent} events of {len({e.user_id for e in events})} users to {settings.topic_interactions!r}")
+
+
+# --- topics ----------------------------------------------------------------------------------------------
+@cli.command()
+def topics(
+    timeout: Annotated[float, typer.Option(min=1, help="seconds to wait for the broker")] = 60.0,
+) -> None:
+    """Create the app's topics up front (partition counts from settings) and check existing ones match."""
+    _create_topics(get_settings(), timeout)
+
+
+def _create_topics(settings: Settings, timeout: float) -> None:
+    from streams.topics import TopicMismatch, ensure_topics, topic_specs
+
+    try:
+        counts = asyncio.run(ensure_topics(settings, timeout=timeout))
+    except TopicMismatch as exc:
+        _fail(str(exc))
+    for spec in topic_specs(settings):
+        console.print(f"{spec.name}: {counts[spec.name]} partition(s){' (compacted)' if spec.compacted else ''}"
+                      f" - {spec.purpose}")
+
+
+# --- init ------------------------------------------------------------------------------------------------
+@cli.command()
+def init(
+    timeout: Annotated[float, typer.Option(min=1, help="seconds to wait for the broker")] = 60.0,
+) -> None:
+    """One-shot deployment set-up: create the topics, then index the catalogue (SLIMSTREAM_DATASET) into Qdrant.
+    Idempotent: run it before the workers on every deploy."""
+    settings = get_settings()
+    _create_topics(settings, timeout)
+    report = _index(settings, settings.dataset)
+    console.print(f"catalogue {settings.dataset}: {report.total} items ({report.embedded} embedded now, "
+                  f"{report.unchanged} unchanged, {report.removed} removed)")
+
+
+# --- export-student --------------------------------------------------------------------------------------
+@cli.command("export-student")
+def export_student(
+    out: Annotated[Path, typer.Argument(help="directory to write the Hugging Face-format student into")],
+    if_missing: Annotated[bool, typer.Option("--if-missing", help="do nothing when OUT already holds an export")] = False,
+) -> None:
+    """Write the base student as a Hugging Face model directory (safetensors, config, tokenizer, chat template),
+    the format vLLM serves; registry adapters are LoRA adapters for exactly these weights."""
+    from models.student import export_base_model
+
+    settings = get_settings()
+    if if_missing and (out / "config.json").is_file():
+        console.print(f"{out} already holds an export; nothing to do")
+        return
+    try:
+        path = export_base_model(settings, out)
+    except (FileNotFoundError, FileExistsError) as exc:
+        _fail(str(exc))
+    console.print(f"student {settings.student_model_version} written to {path}")
+
+
 # --- tail ------------------------------------------------------------------------------------------------
 @cli.command()
 def tail(
@@ -243,20 +328,11 @@ async def _replay_and_show(settings: Settings, users: int, rate: float, max_even
                            worker_proc: subprocess.Popen[bytes], follow: bool, wait: float) -> None:
     from aiokafka import AIOKafkaConsumer
 
-    from streams.datasets import load_interactions, sample_users
     from streams.events import Recommendation
-    from streams.replay import interaction_to_event, publish, start_producer
+    from streams.replay import publish, sample_replay, start_producer
 
-    # Each user's first max_events/users interactions, merged in timestamp order: a plain prefix of the
-    # time-ordered sample would often be one user's whole history.
-    per_user = max(1, max_events // users)
-    taken: Counter[str] = Counter()
-    events = []
-    for i in sample_users(load_interactions(settings.dataset), users, seed):
-        if taken[i.user_id] < per_user:
-            taken[i.user_id] += 1
-            events.append(interaction_to_event(i.user_id, i.item_id, i.rating, i.timestamp))
-    final_version = dict(taken)  # replayed ML events are distinct, so the window version = event count
+    events = sample_replay(settings.dataset, users, max_events, seed)
+    final_version = dict(Counter(ev.user_id for ev in events))  # distinct events: window version = count
     explained: set[str] = set()
     consumer = AIOKafkaConsumer(settings.topic_recommendations, bootstrap_servers=settings.kafka_bootstrap_servers,
                                 auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)

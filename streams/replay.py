@@ -26,6 +26,24 @@ def interaction_to_event(user_id: str, item_id: str, rating: float | None, times
     )
 
 
+def sample_replay(dataset: str, users: int, max_events: int, seed: int) -> list[InteractionEvent]:
+    """A seeded sample of ``users`` users of ``dataset``, each user's first ``max_events // users``
+    interactions, merged in timestamp order (a plain prefix of the time-ordered sample would often be one
+    user's whole history)."""
+    from collections import Counter
+
+    from streams.datasets import load_interactions, sample_users
+
+    per_user = max(1, max_events // users)
+    taken: Counter[str] = Counter()
+    events = []
+    for i in sample_users(load_interactions(dataset), users, seed):
+        if taken[i.user_id] < per_user:
+            taken[i.user_id] += 1
+            events.append(interaction_to_event(i.user_id, i.item_id, i.rating, i.timestamp))
+    return events
+
+
 def read_event_file(path: Path) -> Iterator[tuple[int, InteractionEvent | str]]:
     """Yield (line number, event or error message) from a JSONL or CSV file of InteractionEvents."""
     suffix = path.suffix.lower()

