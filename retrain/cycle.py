@@ -97,6 +97,9 @@ CycleStatus = Literal["promoted", "rejected", "dry_run", "skipped"]
 # recent events and where they came from
 
 
+RETRAIN_LOCK = ".retrain.lock"
+
+
 class RecentEvent(NamedTuple):
     """One interaction read for a cycle; ``partition``/``offset`` locate it in its log (-1: unknown)."""
 
@@ -823,7 +826,31 @@ def retrain_once(
     on them, and store the new offsets once a candidate was built from them (not on a dry run, not when the
     cycle was skipped: those events are read again, with the newer ones, next time). The catalogue is
     ``data``'s, else ``settings.dataset``'s."""
+    from filelock import FileLock, Timeout
+
     registry = registry or ModelRegistry.for_settings(settings)
+    # One cycle per registry at a time (two retrain processes, or a scaled-out compose service, would read the
+    # same offsets and race for the next version name); the loser skips this round instead of waiting.
+    registry.root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(registry.root / RETRAIN_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return CycleResult(status="skipped", reason=f"another retrain cycle holds {registry.root / RETRAIN_LOCK}",
+                           drift_reason=drift_reason_json(drift_reason), parent_version=registry.current())
+    try:
+        return _retrain_locked(settings, registry, data=data, teacher=teacher, encoder=encoder,
+                               drift_reason=drift_reason, publish=publish, dry_run=dry_run, max_users=max_users,
+                               max_events=max_events, distill_config=distill_config,
+                               candidate_metrics=candidate_metrics, progress=progress)
+    finally:
+        lock.release()
+
+
+def _retrain_locked(settings: Settings, registry: ModelRegistry, *, data: str | None, teacher: Any, encoder: Any,
+                    drift_reason: Any, publish: Publish | None, dry_run: bool, max_users: int | None,
+                    max_events: int | None, distill_config: DistillConfig | None,
+                    candidate_metrics: Mapping[str, float] | None, progress: Progress | None) -> CycleResult:
     state = RetrainState.for_registry(registry)
     cap = max_events or settings.retrain_max_events
     if data is not None:

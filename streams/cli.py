@@ -381,7 +381,10 @@ def distill(
     registry: Annotated[Optional[Path], typer.Option(help="model registry directory (default <data_dir>/registry)")] = None,
     version: Annotated[Optional[str], typer.Option(help="name of the new version (default: the next v<NNNN>)")] = None,
     resume_from: Annotated[Optional[str], typer.Option(help="registry version or adapter directory to continue training")] = None,
-    promote: Annotated[bool, typer.Option("--promote", help="make the new version the registry's CURRENT one")] = False,
+    promote: Annotated[bool, typer.Option("--promote", help="make the new version the registry's CURRENT one and "
+                                                            "tell the running workers to hot-swap to it")] = False,
+    no_publish: Annotated[bool, typer.Option("--no-publish", help="with --promote: " + "change the registry only "
+                                                                  "(offline); running workers switch at their next start")] = False,
     lora_r: Annotated[int, typer.Option(min=1)] = 8,
     lora_alpha: Annotated[int, typer.Option(min=1)] = 16,
     lora_dropout: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.05,
@@ -432,6 +435,8 @@ def distill(
                   f"{m['train_loss_last']:.3f}; val NLL {val}")
     console.print(f"adapter: {result.adapter_dir}; model version {result.model_version}"
                   + ("; promoted to CURRENT" if promote else f"; promote it with `slimstream models promote {result.version}`"))
+    if promote and not no_publish:
+        _announce(_registry(registry), "promote", "distill")
 
 
 # --- models (the adapter registry) -----------------------------------------------------------------------

@@ -202,6 +202,24 @@ def test_cli_cycle_without_enough_users_is_skipped(tmp_path: Path) -> None:
     assert not (tmp_path / "reg" / RETRAIN_STATE).exists()  # skipped: the events are read again next time
 
 
+def test_a_second_retrain_process_on_the_same_registry_skips_instead_of_racing(tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    from retrain.cycle import RETRAIN_LOCK
+
+    _write_dataset(tmp_path / "d", [(f"u{n % 3}", f"c{n}", 1000 + n) for n in range(12)])
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSTREAM_")}
+    env["SLIMSTREAM_DATA_DIR"] = str(tmp_path / "data")
+    (tmp_path / "reg").mkdir()
+    with FileLock(str(tmp_path / "reg" / RETRAIN_LOCK)):  # the other process, mid-cycle
+        proc = _retrain_cli("--data", str(tmp_path / "d"), "--registry", str(tmp_path / "reg"), env=env)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "skipped: another retrain cycle holds" in " ".join(proc.stdout.split())
+    # Released: the next run does its cycle (here: skipped for too few users, a different reason).
+    proc = _retrain_cli("--data", str(tmp_path / "d"), "--registry", str(tmp_path / "reg"), env=env)
+    assert "a cycle needs 2" in proc.stdout and "another retrain" not in proc.stdout
+
+
 # ---- the real broker ------------------------------------------------------------------------------------
 
 
