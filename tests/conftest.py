@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from retrain.registry import MANIFEST_FORMAT, ModelRegistry
 from streams.broker import EmbeddedBroker, free_port
 from streams.settings import Settings
 
@@ -146,3 +148,24 @@ def worker_env(broker: EmbeddedBroker, data_dir: Path, qdrant_path: Path, **over
     })
     env.update(overrides)
     return env
+
+
+def random_adapter_registry(data_dir: Path, root: Path) -> ModelRegistry:
+    """A registry at ``root`` holding one real (random, not trained: it visibly changes the output) LoRA
+    adapter of the student, ``v0001``: r=4 on q_proj and v_proj."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from models.student import load_base_model
+
+    _, base, _ = load_base_model(Settings(data_dir=data_dir))
+    torch.manual_seed(0)
+    reg = ModelRegistry(root)
+    staging = reg.staging_dir()
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(str(staging / "adapter"))
+    version = reg.publish(staging, manifest={"format": MANIFEST_FORMAT, "note": "random LoRA for tests"})
+    assert version == "v0001"
+    del base
+    gc.collect()
+    return reg

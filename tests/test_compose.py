@@ -184,7 +184,7 @@ def test_endpoints_point_at_services_that_listen_there(compose: dict, monkeypatc
     assert "--enable-lora" in vcmd and _env(vllm)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"].lower() == "true"
     assert vcmd[vcmd.index("--served-model-name") + 1] == (s.student_served_model or s.student_model_version)
     assert int(vcmd[vcmd.index("--max-lora-rank") + 1]) >= 16  # the distillation's default LoRA rank
-    assert vcmd[vcmd.index("--model") + 1] == svc["student-export"]["command"][1]
+    assert vllm["entrypoint"] == ["vllm", "serve"] and vcmd[0] == svc["student-export"]["command"][1]
 
 
 def _mounts(service: dict) -> dict[str, str]:

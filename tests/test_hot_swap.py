@@ -10,7 +10,6 @@ Plus the CLI's offline paths (no broker needed).
 
 from __future__ import annotations
 
-import gc
 import os
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from streams.datasets import load_interactions
 from streams.events import ModelUpdate, Recommendation
 from streams.model_updates import model_update_for, publish_model_update
 from streams.settings import Settings
-from tests.conftest import ROOT, WorkerProcess, run, worker_env
+from tests.conftest import ROOT, WorkerProcess, random_adapter_registry, run, worker_env
 from tests.kafka_io import event, publish, read_until
 
 S = Settings()
@@ -96,32 +95,21 @@ def test_no_publish_works_offline(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def adapter_registry(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
-    """A registry holding one real (random, not trained) LoRA adapter of the student: ``v0001``."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-
-    from models.student import load_base_model
-
-    _, base, _ = load_base_model(Settings(data_dir=data_dir))
-    torch.manual_seed(0)
-    reg = ModelRegistry(tmp_path_factory.mktemp("swap-registry"))
-    staging = reg.staging_dir()
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(base, config).save_pretrained(str(staging / "adapter"))
-    version = reg.publish(staging, manifest={"format": MANIFEST_FORMAT, "note": "random LoRA for the hot-swap test"})
-    assert version == "v0001"
-    del base
-    gc.collect()
-    return reg
+    return random_adapter_registry(data_dir, tmp_path_factory.mktemp("swap-registry"))
 
 
-@pytest.fixture(scope="module")
-def histories() -> dict[str, list]:
+def ml_histories() -> dict[str, list]:
+    """Four ML-1M users with at least 20 interactions each, time-ordered."""
     by_user: dict[str, list] = defaultdict(list)
     for it in load_interactions("ml-1m")[:20_000]:
         by_user[it.user_id].append(it)
     picked = [u for u, v in by_user.items() if len(v) >= 20][:4]
     return {u: sorted(by_user[u], key=lambda i: i.timestamp) for u in picked}
+
+
+@pytest.fixture(scope="module")
+def histories() -> dict[str, list]:
+    return ml_histories()
 
 
 class Feed:
