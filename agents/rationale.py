@@ -19,6 +19,7 @@ from models.student import StudentError, postprocess_rationale
 from streams.app import app, rationale_requests_topic, recommendations_topic, windows
 from streams.events import RationaleRequest, RecommendationPath
 from streams.window import WindowState
+from vectorstore.store import rationale_key
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ async def rationale_agent(stream):  # type: ignore[no-untyped-def]
                 runtime.metrics["rationale_requests_coalesced"] += 1
                 continue
             existing = await runtime.in_store(runtime.store.get_rationale, user_id)  # type: ignore[union-attr]
-            if existing is not None and existing[1].get("window_version", -1) >= version:
+            if existing is not None and rationale_key(existing[1]) >= (state.epoch, version):
                 runtime.metrics["rationale_requests_already_done"] += 1  # a replayed request
                 continue
             todo.append(state)
@@ -88,6 +89,7 @@ async def _rationalise(states: list[WindowState]) -> None:
             "user_id": state.user_id,
             "rationale": text,
             "window_version": state.version,
+            "window_epoch": state.epoch,
             "model_version": student.model_version,
             "timestamp": time.time(),
             "last_event_timestamp": state.last_event_timestamp,

@@ -50,7 +50,7 @@ async def build_recommendation(
         rationale=payload.get("rationale", ""),
         rationale_model_version=payload.get("model_version"),
         rationale_window_version=r_version,
-        rationale_current=r_version == state.version,
+        rationale_current=r_version == state.version and payload.get("window_epoch", 0) == state.epoch,
         window_version=state.version,
         last_event_timestamp=state.last_event_timestamp,
         produced_at=time.time(),

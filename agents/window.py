@@ -9,6 +9,7 @@ recommendation, which are idempotent downstream.
 from __future__ import annotations
 
 import logging
+import time
 
 from agents.recommend import build_recommendation
 from agents.state import runtime
@@ -53,7 +54,8 @@ async def window_agent(stream):  # type: ignore[no-untyped-def]
                 continue
             # The newest applied event came again: its follow-ups may not have gone out before a crash.
         else:
-            state = apply_event(state, ev, msg.partition, msg.offset, s.window_size, s.recent_event_ids)
+            state = apply_event(state, ev, msg.partition, msg.offset, s.window_size, s.recent_event_ids,
+                                epoch=time.time_ns() // 1_000_000)
             windows[ev.user_id] = state.model_dump(mode="json")
             runtime.metrics["events_applied"] += 1
             # Drift: judged against the user's last recommendation, before this event's own goes out.

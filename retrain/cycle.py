@@ -780,10 +780,12 @@ def _distill(settings: Settings, train_path: Path, scratch: Path, parent: str | 
 
 
 def _generate(settings: Settings, adapter_dir: Path | None, prompts: list[list[dict[str, str]]]) -> list[str]:
-    """Greedy rationales of the student with ``adapter_dir`` (None: the base model); freed afterwards."""
-    from models.student import TransformersStudent
+    """Greedy rationales of the student with ``adapter_dir`` (None: the base model), on the configured backend
+    (``SLIMSTREAM_STUDENT_BACKEND``), so the gate judges the weights the workers will serve: the Q8_0 export
+    under llama.cpp, the LoRA adapter loaded into vLLM under ``openai``. Freed afterwards."""
+    from models.student import load_student
 
-    student: StudentBackend = TransformersStudent(settings, adapter_dir=adapter_dir)
+    student: StudentBackend = load_student(settings, adapter_dir=adapter_dir)
     try:
         return student.generate(prompts)
     finally:

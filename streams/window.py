@@ -16,6 +16,10 @@ class WindowState(BaseModel):
 
     user_id: str
     version: int = 0  # +1 per applied event; rationales and recommendations refer to it
+    # When this window lineage began (ms since the epoch; 0: before epochs existed). Versions count from 1 again
+    # if the windows changelog is lost while Qdrant keeps the rationales (a new Kafka cluster, a wiped topic);
+    # a rationale is then newer by (epoch, version), so the fresh windows are not refused as stale.
+    epoch: int = 0
     items: tuple[WindowItem, ...] = ()
     last_event_timestamp: float = 0.0
     # Where the newest applied event came from: a replay of an offset at or below it is a duplicate
@@ -44,9 +48,11 @@ def apply_event(
     offset: int,
     window_size: int,
     keep_event_ids: int,
+    epoch: int = 0,
 ) -> WindowState:
-    """Append ``event`` (caller checked :func:`is_duplicate`) and keep the last ``window_size`` items."""
-    state = state or WindowState(user_id=event.user_id)
+    """Append ``event`` (caller checked :func:`is_duplicate`) and keep the last ``window_size`` items.
+    ``epoch``: the new lineage's epoch when ``state`` is None (the worker passes the time; kept afterwards)."""
+    state = state or WindowState(user_id=event.user_id, epoch=epoch)
     item = WindowItem(item_id=event.item_id, event_type=event.event_type, value=event.value,
                       timestamp=event.timestamp)
     # Re-interacting with an item moves it to the newest position instead of listing it twice.
@@ -57,6 +63,7 @@ def apply_event(
     return WindowState(
         user_id=state.user_id,
         version=state.version + 1,
+        epoch=state.epoch,
         items=tuple(items[-window_size:]),
         last_event_timestamp=max(state.last_event_timestamp, event.timestamp),
         partition=partition,

@@ -50,9 +50,11 @@ def test_parse_event_rejects_oversized_payload_before_parsing() -> None:
 def test_window_keeps_last_n_moves_repeats_and_counts_versions() -> None:
     s = None
     for k, item in enumerate(["a", "b", "c", "b", "d"]):
-        s = apply_event(s, ev(item, ts=float(k)), partition=0, offset=k, window_size=3, keep_event_ids=8)
+        s = apply_event(s, ev(item, ts=float(k)), partition=0, offset=k, window_size=3, keep_event_ids=8,
+                        epoch=1000 + k)
     assert s is not None
     assert s.item_ids == ["c", "b", "d"] and s.version == 5 and s.last_event_timestamp == 4.0
+    assert s.epoch == 1000  # set when the lineage began, kept by every later event
 
 
 def test_duplicates_by_offset_and_event_id() -> None:

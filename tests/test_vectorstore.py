@@ -186,6 +186,13 @@ def test_rationale_versions_only_move_forward(store: VectorStore, encoder: OnnxM
     assert store.count(settings.collection_rationales) == 2
     assert sorted((p["user_id"], p["window_version"]) for p in store.rationale_points()) == [("u1", 6), ("u2", 1)]
 
+    # The windows changelog was lost (a new Kafka cluster) while Qdrant kept u1's rationale at version 6: the
+    # rebuilt windows count from 1 again under a later epoch, and their rationales win from the first one.
+    assert store.upsert_rationale("u1", v_new, {**payload(new_text, 1), "window_epoch": 1_800_000_000_000})
+    assert store.get_rationale("u1")[1]["window_version"] == 1  # type: ignore[index]
+    assert not store.upsert_rationale("u1", v_old, payload(old_text, 7))  # the old lineage: stale now
+    assert store.upsert_rationale("u1", v_old, {**payload(old_text, 2), "window_epoch": 1_800_000_000_000})
+
     with pytest.raises(ValueError, match="lacks"):
         store.upsert_rationale("u3", v_old, {"user_id": "u3", "rationale": "x"})
     with pytest.raises(ValueError, match="not 'u3'"):

@@ -37,6 +37,11 @@ _READ_BATCH = 512
 _RATIONALE_REQUIRED = ("user_id", "rationale", "window_version", "model_version", "timestamp")
 
 
+def rationale_key(payload: dict[str, Any]) -> tuple[int, int]:
+    """How fresh a stored rationale is: (window epoch, window version); payloads from before epochs have 0."""
+    return int(payload.get("window_epoch", 0) or 0), int(payload.get("window_version", -1))
+
+
 def item_point_id(item_id: str) -> str:
     """Deterministic Qdrant point id of an item."""
     return str(uuid.uuid5(_ITEM_NAMESPACE, item_id))
@@ -222,11 +227,13 @@ class VectorStore:
         return np.asarray(recs[0].vector, dtype=np.float32), dict(recs[0].payload or {})
 
     def upsert_rationale(self, user_id: str, vector: np.ndarray, payload: dict[str, Any]) -> bool:
-        """Store the user's rationale unless a newer one (greater ``window_version``) is already stored.
+        """Store the user's rationale unless a newer one is already stored: newer by (``window_epoch``,
+        ``window_version``), see :func:`rationale_key`.
 
-        Returns False, writing nothing, when the stored window_version is greater: a replayed event or a
-        slow student answer must not clobber a fresher rationale. An equal version is overwritten (same
-        window, e.g. a re-run). Read-then-write is safe because the store has a single writer thread.
+        Returns False, writing nothing, when the stored one is newer: a replayed event or a slow student answer
+        must not clobber a fresher rationale. An equal key is overwritten (same window, e.g. a re-run). A later
+        epoch wins whatever its version: the windows were rebuilt from scratch (changelog lost) and count
+        from 1 again. Read-then-write is safe because the store has a single writer thread.
         """
         missing = [k for k in _RATIONALE_REQUIRED if k not in payload]
         if missing:
@@ -240,8 +247,8 @@ class VectorStore:
         if not np.all(np.isfinite(vec)) or not np.any(vec):
             raise ValueError("rationale vector must be finite and non-zero")
         current = self.client.retrieve(self.rationales_collection, ids=[user_point_id(user_id)],
-                                       with_payload=["window_version"], with_vectors=False)
-        if current and (current[0].payload or {}).get("window_version", -1) > version:
+                                       with_payload=["window_version", "window_epoch"], with_vectors=False)
+        if current and rationale_key(current[0].payload or {}) > rationale_key(payload):
             return False
         self.client.upsert(self.rationales_collection, wait=True, points=[
             models.PointStruct(id=user_point_id(user_id), vector=vec.tolist(), payload=dict(payload))
