@@ -169,3 +169,92 @@ def random_adapter_registry(data_dir: Path, root: Path) -> ModelRegistry:
     del base
     gc.collect()
     return reg
+
+
+# -- HTTP servers in subprocesses (the teacher server, serve-teacher, vLLM) -----------------------------------
+
+TEACHER_MODEL = "smollm2-test-teacher"
+
+
+class ServerProcess:
+    """An HTTP server started as a subprocess in its own process group: readiness (``health`` answers 200),
+    JSON GETs, the log's tail, and a clean stop (SIGTERM to the group, SIGKILL after ``stop_timeout``)."""
+
+    def __init__(self, cmd: list[str], port: int, log_path: Path, *, env: dict[str, str] | None = None,
+                 health: str = "/health") -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self.health = health
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    @classmethod
+    def teacher(cls, data_dir: Path, log_path: Path, *extra: str) -> "ServerProcess":
+        """``models.serving.api_server`` on the packaged SmolLM2 GGUF, served as :data:`TEACHER_MODEL`: one
+        generation at a time and no queue, so a second concurrent request is a 503."""
+        from models.student import default_model_dir
+
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSTREAM_")}
+        env.update({"PYTHONUNBUFFERED": "1", "SLIMSTREAM_STUDENT_THREADS": "1"})
+        cmd = [sys.executable, "-m", "models.serving.api_server", "--port", str(port),
+               "--gguf-dir", str(default_model_dir()), "--gguf-file", "SmolLM2-135M-Instruct.Q4_1.gguf",
+               "--served-model-name", TEACHER_MODEL, "--data-dir", str(data_dir), "--max-concurrency", "1",
+               "--max-queue", "0", "--retry-after", "1", "--max-tokens-limit", "512", *extra]
+        return cls(cmd, port, log_path, env=env)
+
+    def get(self, path: str) -> dict:
+        with urllib.request.urlopen(self.url + path, timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def wait_ready(self, timeout: float = 240.0) -> "ServerProcess":
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + self.health, timeout=5) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"server not up after {timeout} s:\n{self.log_tail()}")
+
+    def metrics(self) -> dict:
+        return self.get("/metrics")
+
+    def wait_idle(self, timeout: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = self.metrics()
+            if m["running"] == 0 and m["waiting"] == 0:
+                return m
+            time.sleep(0.1)
+        raise AssertionError(f"server still busy after {timeout} s: {self.metrics()}")
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "<no log>"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def running_teacher(data_dir: Path, log_path: Path) -> Iterator[ServerProcess]:
+    """The body of a module's teacher-server fixture: started, ready, stopped afterwards."""
+    srv = ServerProcess.teacher(data_dir, log_path)
+    try:
+        yield srv.wait_ready()
+    finally:
+        srv.stop()

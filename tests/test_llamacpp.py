@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ pytest.importorskip("llama_cpp", reason="the slimstream[llamacpp] extra is not i
 from models.llamacpp import LlamaCppChatBackend, LlamaCppStudent, export_student_gguf, write_gguf_like  # noqa: E402
 from models.student import load_base_model, student_gguf_path  # noqa: E402
 from streams.settings import Settings  # noqa: E402
-from tests.test_teacher import Server  # noqa: E402
+from tests.conftest import ServerProcess  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASK = [{"role": "system", "content": "You are a film critic. Answer briefly."},
@@ -77,13 +76,10 @@ def test_serve_teacher_llamacpp_over_http(tmp_path: Path) -> None:
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSTREAM_")}
-    proc = subprocess.Popen(
+    srv = ServerProcess(
         [sys.executable, "-m", "streams.cli", "serve-teacher", "--backend", "llamacpp", "--port", str(port),
          "--gguf", str(student_gguf_path(Settings())), "--served-model-name", "smol-llamacpp", "--threads", "1"],
-        cwd=ROOT, env=env, stdout=open(tmp_path / "server.log", "wb"), stderr=subprocess.STDOUT,
-        start_new_session=True)
-    srv = Server.__new__(Server)  # reuse its readiness/stop helpers on this process
-    srv.proc, srv.url, srv.log_path = proc, f"http://127.0.0.1:{port}", tmp_path / "server.log"
+        port, tmp_path / "server.log", env=env)
     try:
         srv.wait_ready(120)
         cfg = TeacherConfig(teacher_url=srv.url + "/v1", teacher_model="smol-llamacpp", teacher_max_tokens=16)

@@ -29,7 +29,9 @@ from retrain.splits import leave_one_out
 from streams.broker import free_port
 from streams.datasets import Interaction, load_interactions
 from tests.conftest import ROOT
-from tests.test_teacher import MODEL, Server
+from tests.conftest import TEACHER_MODEL as MODEL
+from tests.conftest import ServerProcess as Server
+from tests.conftest import running_teacher
 
 
 # ---- windows --------------------------------------------------------------------------------------------
@@ -168,12 +170,7 @@ def test_cli_refuses_bad_arguments() -> None:
 
 @pytest.fixture(scope="module")
 def teacher_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    srv = Server(data_dir, tmp_path_factory.mktemp("rationale-teacher") / "server.log")
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+    yield from running_teacher(data_dir, tmp_path_factory.mktemp("rationale-teacher") / "server.log")
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

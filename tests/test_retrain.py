@@ -293,14 +293,9 @@ USERS_PER_BATCH = 3
 
 @pytest.fixture(scope="module")
 def teacher_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
-    from tests.test_teacher import Server
+    from tests.conftest import running_teacher
 
-    srv = Server(data_dir, tmp_path_factory.mktemp("retrain-teacher") / "server.log")
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+    yield from running_teacher(data_dir, tmp_path_factory.mktemp("retrain-teacher") / "server.log")
 
 
 def _batches() -> tuple[list, list]:

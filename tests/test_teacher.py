@@ -10,15 +10,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,10 +28,11 @@ from models.teacher import (
     parse_retry_after,
     request_key,
 )
-from streams.broker import free_port
+from tests.conftest import TEACHER_MODEL, ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = "smollm2-test-teacher"
+MODEL = TEACHER_MODEL
+Server = ServerProcess
 ANIMATION = [{"role": "system", "content": "You are a film critic. Answer briefly."},
              {"role": "user", "content": "Which animated film from 1995 should a child watch?"}]
 
@@ -48,68 +44,10 @@ def chat(i: int) -> list[dict[str, str]]:
 # ---- the real server -------------------------------------------------------------------------------------
 
 
-class Server:
-    def __init__(self, data_dir: Path, log_path: Path) -> None:
-        from models.student import default_model_dir
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSTREAM_")}
-        env.update({"PYTHONUNBUFFERED": "1", "SLIMSTREAM_STUDENT_THREADS": "1"})
-        cmd = [sys.executable, "-m", "models.serving.api_server", "--port", str(self.port),
-               "--gguf-dir", str(default_model_dir()), "--gguf-file", "SmolLM2-135M-Instruct.Q4_1.gguf",
-               "--served-model-name", MODEL, "--data-dir", str(data_dir), "--max-concurrency", "1",
-               "--max-queue", "0", "--retry-after", "1", "--max-tokens-limit", "512"]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log_path, "ab"),
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-
-    def get(self, path: str) -> dict:
-        with urllib.request.urlopen(self.url + path, timeout=5) as resp:
-            return json.loads(resp.read())
-
-    def wait_ready(self, timeout: float = 240.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if self.get("/health")["status"] == "ok":
-                    return
-            except OSError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"server not up after {timeout} s:\n{self.log_tail()}")
-
-    def metrics(self) -> dict:
-        return self.get("/metrics")
-
-    def wait_idle(self, timeout: float = 30.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            m = self.metrics()
-            if m["running"] == 0 and m["waiting"] == 0:
-                return m
-            time.sleep(0.1)
-        raise AssertionError(f"server still busy after {timeout} s: {self.metrics()}")
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """``data_dir`` is the session's: the de-quantized SmolLM2 cache is shared with the worker tests."""
-    srv = Server(data_dir, tmp_path_factory.mktemp("teacher-server") / "server.log")
+    srv = Server.teacher(data_dir, tmp_path_factory.mktemp("teacher-server") / "server.log")
     try:
         srv.wait_ready()
         yield srv

