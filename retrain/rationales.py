@@ -344,6 +344,8 @@ async def generate_rationales(
                 fh.write(record.model_dump_json() + "\n")  # one line, no await in between: never interleaved
                 fh.flush()
                 written += 1
+                if written % 10 == 0:
+                    write_meta()  # counts stay close to the file even if the process is killed outright
                 if progress:
                     progress(skipped + written + empty, total)
 

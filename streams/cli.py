@@ -9,6 +9,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -111,7 +112,7 @@ def produce(
     rate: Annotated[Optional[float], typer.Option(min=0.01, help="events per second (default: unthrottled)")] = None,
 ) -> None:
     """Publish interaction events from a file to the interactions topic, keyed by user_id."""
-    from streams.replay import publish, read_event_file, start_producer
+    from streams.replay import publish_events, read_event_file
 
     if not file.is_file():
         raise typer.BadParameter(f"no such file: {file}", param_hint="FILE")
@@ -126,14 +127,7 @@ def produce(
         else:
             good.append(ev)
 
-    async def run() -> int:
-        producer = await start_producer(settings)
-        try:
-            return await publish(producer, settings.topic_interactions, good, rate)
-        finally:
-            await producer.stop()
-
-    sent = asyncio.run(run())
+    sent = publish_events(settings, good, rate)
     console.print(f"sent {sent} events to {settings.topic_interactions!r}; {bad} invalid lines skipped")
     if bad:
         raise typer.Exit(1)
@@ -149,7 +143,7 @@ def replay(
     data: Annotated[Optional[str], typer.Option(help="ml-1m, ml-100k or a directory (default SLIMSTREAM_DATASET)")] = None,
 ) -> None:
     """Publish a seeded sample of a dataset's users' interactions, in time order, to the interactions topic."""
-    from streams.replay import publish, sample_replay, start_producer
+    from streams.replay import publish_events, sample_replay
 
     settings = get_settings()
     try:
@@ -157,14 +151,7 @@ def replay(
     except (ValueError, FileNotFoundError) as exc:
         _fail(f"--data: {exc}", 2)
 
-    async def run() -> int:
-        producer = await start_producer(settings)
-        try:
-            return await publish(producer, settings.topic_interactions, events, rate)
-        finally:
-            await producer.stop()
-
-    sent = asyncio.run(run())
+    sent = publish_events(settings, events, rate)
     console.print(f"sent {sent} events of {len({e.user_id for e in events})} users to {settings.topic_interactions!r}")
 
 
@@ -695,6 +682,11 @@ def teacher_rationales(
                 temperature=temperature, max_tokens=max_tokens,
                 progress=lambda done, total: progress.update(task, completed=done, total=total))
 
+    def stop(signum: int, frame: object) -> None:
+        # SIGTERM (a scheduler stopping the job) like Ctrl-C: the job's clean-up writes the .meta.json counts.
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     with _progress() as progress:
         task = progress.add_task("teacher rationales", total=None)
         try:

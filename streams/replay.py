@@ -108,3 +108,15 @@ async def publish(
     return sent
 
 
+
+
+def publish_events(settings: Settings, events: Iterable[InteractionEvent], rate: float | None = None) -> int:
+    """Blocking: open a producer, send ``events`` to the interactions topic (at most ``rate``/s), close it."""
+    async def run() -> int:
+        producer = await start_producer(settings)
+        try:
+            return await publish(producer, settings.topic_interactions, events, rate)
+        finally:
+            await producer.stop()
+
+    return asyncio.run(run())

@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -211,6 +213,33 @@ def test_cli_writes_resumes_and_reruns_from_the_cache(teacher_server: Server, da
     assert {r.user_id: r.rationale for r in read_records(path)} == {r.user_id: r.rationale for r in second}
     assert teacher_server.metrics()["requests_total"] == before + 3
     assert json.loads((out / "r1.meta.json").read_text())["teacher_stats"]["cache_hits"] == 3
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_leaves_meta_counts_that_match_the_file(teacher_server: Server, data_dir: Path,
+                                                               tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSTREAM_")}
+    env.update({"SLIMSTREAM_DATA_DIR": str(data_dir), "SLIMSTREAM_TEACHER_URL": teacher_server.url + "/v1",
+                "SLIMSTREAM_TEACHER_MODEL": MODEL, "SLIMSTREAM_TEACHER_MAX_CONCURRENCY": "1"})
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "teacher-rationales", "--data", "ml-100k",
+                             "--samples", "1", "--window-size", "5", "--targets", "2", "--max-tokens", "48",
+                             "--users", "40", "--seed", "11", "--temperature", "1.3", "--out", str(out),
+                             "--version", "killed"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    path = out / "killed.jsonl"
+    deadline = time.monotonic() + 180
+    while not (path.is_file() and path.read_text().count("\n") >= 1):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no record written"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    records = path.read_text().count("\n")
+    meta = json.loads((out / "killed.meta.json").read_text())
+    assert 1 <= records < 40, records
+    assert meta["counts"]["records"] == records and meta["counts"]["written"] == records
+    teacher_server.wait_idle(60)
 
 
 @pytest.mark.slow
