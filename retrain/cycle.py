@@ -29,7 +29,7 @@ e. **Gate and registry.** :func:`retrain.gate.gate` compares the two; the candid
    topic offsets), the drift reason, both models' metrics, the gate decision and the datasets. Only a
    passing candidate is promoted (and ``publish(action="promote", ...)`` is called); a rejected one stays in
    the registry, unpromoted, its manifest saying why. Every version gets a ``drift_reference.json``: the genre
-   mix of its training windows and the centroid of its held-out rationales.
+   mix of the recent events the cycle read and the centroid of its held-out rationales.
 
 :func:`retrain_once` wraps it for the CLI: it reads the events that arrived since the last cycle, from the
 interactions topic (a groupless aiokafka consumer from the offsets stored in ``<registry>/retrain_state.json``)
@@ -687,12 +687,16 @@ def run_cycle(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    train_windows = [i for r in records + replay for i in r.window]
+    # The genre reference is the stream this cycle read (every recent event, all users), i.e. the regime the
+    # new student was distilled for. Its training windows (and the replayed ones) end before the users' latest
+    # events, so after a shift they are still mostly pre-shift, and a reference built from them kept the
+    # workers' genre signal firing after the promotion.
+    recent_items = [e.item_id for e in events]
     centroid = candidate_vecs[np.linalg.norm(candidate_vecs, axis=1) > 0]
     mean = centroid.mean(axis=0) if len(centroid) else None
     DriftReference(
         model_version=registry.model_version(version, settings),
-        genres=GenreDistribution.from_items(train_windows, cat) if genre_mix(train_windows, cat) else None,
+        genres=GenreDistribution.from_items(recent_items, cat) if genre_mix(recent_items, cat) else None,
         rationale_centroid=mean.tolist() if mean is not None and float(np.linalg.norm(mean)) > 0 else None,
     ).save(registry.version_dir(version) / DRIFT_REFERENCE)
 

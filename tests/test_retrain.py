@@ -395,6 +395,12 @@ def test_a_cycle_publishes_and_promotes_a_version_with_its_provenance(world: Wor
     assert all(len(x["window"]) == 5 and len(x["target_items"]) == 2 and x["rationale"] for x in records)
     ref = json.loads((reg.version_dir("v0001") / "drift_reference.json").read_text())
     assert ref["model_version"].endswith("+v0001") and ref["genres"]["proportions"] and ref["rationale_centroid"]
+    # The genre reference is the stream the cycle read (every event of the batch), not just its training windows.
+    from retrain.drift import GenreDistribution
+    from streams.datasets import load_items
+
+    expected = GenreDistribution.from_items([x.item_id for x in world.batches[0]], load_items("ml-100k"))
+    assert ref["genres"]["proportions"] == pytest.approx(expected.proportions)
     state = json.loads((reg.root / RETRAIN_STATE).read_text())["sources"]["kafka:retrain-interactions"]
     assert state["next_offsets"] == {p: o["end"] for p, o in window["offsets"].items()}
     assert (reg.adapter_dir("v0001") / "adapter_config.json").is_file()
