@@ -29,7 +29,7 @@ e. **Gate and registry.** :func:`retrain.gate.gate` compares the two; the candid
    topic offsets), the drift reason, both models' metrics, the gate decision and the datasets. Only a
    passing candidate is promoted (and ``publish(action="promote", ...)`` is called); a rejected one stays in
    the registry, unpromoted, its manifest saying why. Every version gets a ``drift_reference.json``: the genre
-   mix of the recent events the cycle read and the centroid of its held-out rationales.
+   mix of the last ``drift_window_events`` events the cycle read and the centroid of its held-out rationales.
 
 :func:`retrain_once` wraps it for the CLI: it reads the events that arrived since the last cycle, from the
 interactions topic (a groupless aiokafka consumer from the offsets stored in ``<registry>/retrain_state.json``)
@@ -687,11 +687,12 @@ def run_cycle(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
-    # The genre reference is the stream this cycle read (every recent event, all users), i.e. the regime the
-    # new student was distilled for. Its training windows (and the replayed ones) end before the users' latest
-    # events, so after a shift they are still mostly pre-shift, and a reference built from them kept the
-    # workers' genre signal firing after the promotion.
-    recent_items = [e.item_id for e in events]
+    # The genre reference is the stream this cycle read, i.e. the regime the new student was distilled for: its
+    # last drift_window_events events (time order, all users), the same span the workers' live mix covers.
+    # Training windows (and the replayed ones) end before the users' latest events, so after a shift they are
+    # still mostly pre-shift, and a reference built from them kept the genre signal firing after a promotion.
+    latest = sorted(events, key=lambda e: e.timestamp)[-settings.drift_window_events:]
+    recent_items = [e.item_id for e in latest]
     centroid = candidate_vecs[np.linalg.norm(candidate_vecs, axis=1) > 0]
     mean = centroid.mean(axis=0) if len(centroid) else None
     DriftReference(
