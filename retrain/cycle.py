@@ -341,6 +341,23 @@ def user_sequences(events: Iterable[Any], catalogue: Mapping[str, Item]) -> tupl
     return out, unknown
 
 
+def latest_in_stream_order(events: Sequence[RecentEvent], n: int) -> list[RecentEvent]:
+    """The ``n`` events that arrived last: each partition's tail by offset, partitions in proportion to their
+    share of ``events``. Arrival order, not event time: a replay of old data, or users whose clocks differ,
+    publishes events whose timestamps say nothing about which came last."""
+    if len(events) <= n:
+        return list(events)
+    by_partition: dict[int, list[RecentEvent]] = defaultdict(list)
+    for e in events:
+        by_partition[e.partition].append(e)
+    out: list[RecentEvent] = []
+    for part in by_partition.values():
+        part.sort(key=lambda e: e.offset)
+        take = max(1, round(n * len(part) / len(events)))
+        out.extend(part[-take:])
+    return out
+
+
 def genre_mix(item_ids: Iterable[str], catalogue: Mapping[str, Item]) -> dict[str, float]:
     dist = GenreDistribution(window=None)
     for i in item_ids:
@@ -691,8 +708,7 @@ def run_cycle(
     # last drift_window_events events (time order, all users), the same span the workers' live mix covers.
     # Training windows (and the replayed ones) end before the users' latest events, so after a shift they are
     # still mostly pre-shift, and a reference built from them kept the genre signal firing after a promotion.
-    latest = sorted(events, key=lambda e: e.timestamp)[-settings.drift_window_events:]
-    recent_items = [e.item_id for e in latest]
+    recent_items = [e.item_id for e in latest_in_stream_order(events, settings.drift_window_events)]
     centroid = candidate_vecs[np.linalg.norm(candidate_vecs, axis=1) > 0]
     mean = centroid.mean(axis=0) if len(centroid) else None
     DriftReference(

@@ -103,6 +103,17 @@ def test_drifted_users_rank_by_divergence_from_the_reference() -> None:
         "horror_fan"]
 
 
+def test_the_latest_events_are_taken_in_arrival_order_per_partition() -> None:
+    from retrain.cycle import RecentEvent, latest_in_stream_order
+
+    # Timestamps run backwards (a replay of old data): arrival order is the offsets'.
+    p0 = [RecentEvent("u", f"a{k}", 1000 - k, partition=0, offset=k) for k in range(30)]
+    p1 = [RecentEvent("v", f"b{k}", 5000 - k, partition=1, offset=k) for k in range(10)]
+    got = latest_in_stream_order(p1 + p0, 8)
+    assert sorted(e.item_id for e in got) == sorted([f"a{k}" for k in range(24, 30)] + ["b8", "b9"])
+    assert latest_in_stream_order(p0, 100) == p0
+
+
 def test_heldout_split_is_seeded_and_disjoint() -> None:
     users = [f"u{i}" for i in range(8)]
     train, held = split_heldout(users, 0.25, seed=3)
