@@ -15,6 +15,7 @@ from agents.runtime import Runtime
 from models.rankers import blend_query, recent_items_vector
 from streams.events import Recommendation, RecommendationPath, RecommendedItem
 from streams.window import WindowState
+from vectorstore.store import rationale_key
 
 
 async def build_recommendation(
@@ -50,7 +51,7 @@ async def build_recommendation(
         rationale=payload.get("rationale", ""),
         rationale_model_version=payload.get("model_version"),
         rationale_window_version=r_version,
-        rationale_current=r_version == state.version and payload.get("window_epoch", 0) == state.epoch,
+        rationale_current=bool(payload) and rationale_key(payload) == (state.epoch, state.version),
         window_version=state.version,
         last_event_timestamp=state.last_event_timestamp,
         produced_at=time.time(),

@@ -38,11 +38,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @contextlib.contextmanager
 def vllm_server(model_dir: Path, served: str, port: int, dtype: str, log: Path) -> Iterator[str]:
     """vLLM's OpenAI server (CPU build) with runtime LoRA loading; yields its /v1 URL."""
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    cmd = [str(ROOT / ".venv-vllm/bin/python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--served-model-name", served, "--enable-lora", "--max-lora-rank", "16", "--max-model-len", "2048",
-           "--dtype", dtype, "--port", str(port)]
+    from models.openai_student import local_vllm_server
+
+    cmd, env = local_vllm_server(ROOT / ".venv-vllm/bin/python", model_dir, served, port, dtype=dtype)
     with open(log, "wb") as fh:
         proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     try:

