@@ -7,7 +7,7 @@ import json
 from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
-from aiokafka.structs import ConsumerRecord
+from aiokafka.structs import ConsumerRecord, TopicPartition
 
 
 async def publish(bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes]], linger_ms: int = 20) -> None:
@@ -46,3 +46,14 @@ async def read_until(
     finally:
         await consumer.stop()
     return records
+
+
+async def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    """The broker's ListOffsets(latest) answer per partition: what Faust's recovery takes for the log end."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        answer = await consumer.end_offsets([TopicPartition(topic, p) for p in range(partitions)])
+        return {tp.partition: offset for tp, offset in answer.items()}
+    finally:
+        await consumer.stop()

@@ -10,8 +10,10 @@ and shows the comparison does catch the loss.
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -19,13 +21,14 @@ from streams.broker import EmbeddedBroker
 from streams.datasets import load_interactions
 from streams.events import InvalidEvent, parse_event
 from streams.settings import Settings
+from streams.topics import WINDOWS_TABLE
 from streams.window import WindowState, apply_event, is_duplicate
 from tests.conftest import WorkerProcess, run, worker_env
-from tests.kafka_io import event, publish, read_until
+from tests.kafka_io import end_offsets, event, publish, read_until
 
 pytestmark = pytest.mark.slow
 S = Settings()
-USERS, EVENTS_PER_USER = 12, 15
+USERS, EVENTS_PER_USER, TAIL_EVENTS = 12, 15, 3
 
 
 def expected_windows(bootstrap: str, n_events: int) -> dict[str, WindowState]:
@@ -51,11 +54,18 @@ def histories() -> dict[str, list]:
     return {u: sorted(by_user[u], key=lambda i: i.timestamp)[:EVENTS_PER_USER] for u in picked}
 
 
-def restart_and_compare(tmp_path: Path, data_dir: Path, qdrant: Path, **env: str) -> dict[str, tuple]:
-    """Fill windows, restart the worker, return {user: (recovered, expected)} for the users that differ."""
+class Restart(NamedTuple):
+    diff: dict[str, tuple]  # {user: (recovered, expected)} for the users whose window came back different
+    past_reported_end: set[str]  # users with a changelog record beyond the broker's ListOffsets(latest) answer
+
+
+def restart_and_compare(tmp_path: Path, data_dir: Path, qdrant: Path, **env: str) -> Restart:
+    """Fill windows, restart the worker, compare every recovered window with its recomputation."""
     # Linger makes the producer gather the burst's changelog writes into multi-record batches, the case
     # Tansu's ListOffsets answer gets wrong.
     env.setdefault("SLIMSTREAM_PRODUCER_LINGER_MS", "300")
+    partitions = int(env.get("SLIMSTREAM_TOPIC_PARTITIONS", S.topic_partitions))
+    changelog = S.changelog_topic(WINDOWS_TABLE)
     with EmbeddedBroker() as broker:
         worker = WorkerProcess(worker_env(broker, data_dir, qdrant, **env), tmp_path / "worker.log")
         worker.start()
@@ -63,17 +73,28 @@ def restart_and_compare(tmp_path: Path, data_dir: Path, qdrant: Path, **env: str
         # Interleave users and send in bursts so the worker's changelog writes go out many at a time.
         records = [event(u, h[k].item_id, h[k].timestamp, event_id=f"{u}-{k}")
                    for k in range(EVENTS_PER_USER) for u, h in hist.items()]
-        run(publish(broker.bootstrap_servers, S.topic_interactions, records, linger_ms=50))
+        # The last few events go out alone once everything before them is in the changelog: their writes
+        # then share the changelog's last batch whatever the machine's speed, so "the end of the log" is a
+        # multi-record batch every run (the case Tansu misreports), not by the luck of the burst's timing.
+        body, tail = records[:-TAIL_EVENTS], records[-TAIL_EVENTS:]
+        run(publish(broker.bootstrap_servers, S.topic_interactions, body, linger_ms=50))
+        worker.wait_until(lambda h: worker.metrics().get("events_applied", 0) >= len(body), 120)
+        assert len(run(read_until(broker.bootstrap_servers, changelog, lambda r: len(r) >= len(body), 30))) == len(body)
+        run(publish(broker.bootstrap_servers, S.topic_interactions, tail, linger_ms=50))
         total = len(records)
         worker.wait_until(lambda h: worker.metrics().get("events_applied", 0) >= total, 120)
         before = {u: worker.get(f"/window/{u}/") for u in hist}
         assert worker.stop() == 0, worker.log_tail()
+        written = run(read_until(broker.bootstrap_servers, changelog, lambda r: len(r) >= total, 30))
+        reported = run(end_offsets(broker.bootstrap_servers, changelog, partitions))
 
         worker.start()
         after = {u: worker.get_or_none(f"/window/{u}/") for u in hist}
         worker.stop()
         expected = expected_windows(broker.bootstrap_servers, total)
 
+    assert len(written) == total  # one changelog write per applied event
+    past_end = {json.loads(r.key) for r in written if r.offset >= reported[r.partition]}  # Faust JSON keys
     assert set(expected) == set(hist)
     epochs = {u: WindowState.model_validate(before[u]).epoch for u in hist}
     # The worker stamps each new window lineage with its creation time; a recomputation has no clock, so it
@@ -82,20 +103,25 @@ def restart_and_compare(tmp_path: Path, data_dir: Path, qdrant: Path, **env: str
     for u in hist:  # before the restart the live table was right: any difference is recovery's
         assert epochs[u] > 1_600_000_000_000, epochs[u]
         assert WindowState.model_validate(before[u]) == expected[u]
-    return {u: (after[u], expected[u]) for u in hist
+    diff = {u: (after[u], expected[u]) for u in hist
             if after[u] is None or "error" in after[u] or WindowState.model_validate(after[u]) != expected[u]}
+    return Restart(diff, past_end)
 
 
 @pytest.mark.parametrize("partitions", ["4", "1"])
 def test_restarted_worker_recovers_every_window_exactly(tmp_path, data_dir, indexed_qdrant, partitions) -> None:
-    diff = restart_and_compare(tmp_path, data_dir, indexed_qdrant, SLIMSTREAM_TOPIC_PARTITIONS=partitions)
-    assert not diff, {u: (a and a.get("version"), e.version) for u, (a, e) in diff.items()}
+    r = restart_and_compare(tmp_path, data_dir, indexed_qdrant, SLIMSTREAM_TOPIC_PARTITIONS=partitions)
+    # One record per batch: the broker's answer is the true end of every changelog partition.
+    assert not r.past_reported_end
+    assert not r.diff, {u: (a and a.get("version"), e.version) for u, (a, e) in r.diff.items()}
 
 
 def test_control_batched_changelog_loses_updates_on_tansu(tmp_path, data_dir, indexed_qdrant) -> None:
     # Faust ends recovery when every partition reached its (mis)reported end; the rest of the last batch of
     # the partition that finishes last is then buffered and never applied. With one partition that
-    # partition is always the last one, so the loss is deterministic.
-    diff = restart_and_compare(tmp_path, data_dir, indexed_qdrant, SLIMSTREAM_ONE_RECORD_PER_BATCH="false",
-                               SLIMSTREAM_TOPIC_PARTITIONS="1")
-    assert diff, "with batched changelog writes Tansu's ListOffsets answer should make recovery drop updates"
+    # partition is always the last one, and the tail events make its last batch hold several records.
+    r = restart_and_compare(tmp_path, data_dir, indexed_qdrant, SLIMSTREAM_ONE_RECORD_PER_BATCH="false",
+                            SLIMSTREAM_TOPIC_PARTITIONS="1")
+    assert r.past_reported_end, "the tail's changelog writes should have shared one batch"
+    # Exactly the users with an update past the reported end come back stale: the comparison sees each loss.
+    assert set(r.diff) == r.past_reported_end, (set(r.diff), r.past_reported_end)
