@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 
 from models.student import StudentError, adapter_digest, adapter_name, postprocess_rationale
-from models.teacher import TeacherClient, TeacherConfig, TeacherError, TeacherRequestError
+from models.teacher import TeacherClient, TeacherConfig, TeacherError, TeacherRequestError, api_headers
 from streams.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,8 @@ class OpenAIStudent:
         self.settings = s = settings or get_settings()
         started = time.perf_counter()
         self.base_model = s.student_served_model or s.student_model_version
-        headers = {"Accept": "application/json"}
-        if s.student_api_key is not None and s.student_api_key.get_secret_value():
-            headers["Authorization"] = f"Bearer {s.student_api_key.get_secret_value()}"
-        self._http = httpx.Client(base_url=s.student_url.rstrip("/") + "/", headers=headers, transport=transport,
+        self._http = httpx.Client(base_url=s.student_url.rstrip("/") + "/", headers=api_headers(s.student_api_key),
+                                  transport=transport,
                                   timeout=httpx.Timeout(s.student_deadline_s, connect=s.student_connect_timeout_s))
         self.lora_name: str | None = None
         self.lora_path: str | None = None

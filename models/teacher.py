@@ -229,6 +229,14 @@ def parse_retry_after(value: str | None) -> float | None:
 # the client
 
 
+def api_headers(api_key: SecretStr | None) -> dict[str, str]:
+    """Headers for an OpenAI-compatible server: a bearer token only when a non-empty key is set."""
+    headers = {"Accept": "application/json"}
+    if api_key is not None and api_key.get_secret_value():
+        headers["Authorization"] = f"Bearer {api_key.get_secret_value()}"
+    return headers
+
+
 class TeacherClient:
     """Async client of an OpenAI-compatible ``/chat/completions``. Use as an async context manager (or call
     :meth:`aclose`). ``cache_dir``: where the sqlite cache lives; None: no cache. ``transport``: an
@@ -244,12 +252,9 @@ class TeacherClient:
     ) -> None:
         self.config = config or TeacherConfig()
         c = self.config
-        headers = {"Accept": "application/json"}
-        if c.teacher_api_key is not None and c.teacher_api_key.get_secret_value():
-            headers["Authorization"] = f"Bearer {c.teacher_api_key.get_secret_value()}"
         self._http = httpx.AsyncClient(
             base_url=c.teacher_url.rstrip("/") + "/",
-            headers=headers,
+            headers=api_headers(c.teacher_api_key),
             timeout=httpx.Timeout(c.teacher_timeout_s, connect=c.teacher_connect_timeout_s),
             limits=httpx.Limits(max_connections=c.teacher_max_concurrency,
                                 max_keepalive_connections=c.teacher_max_concurrency),
