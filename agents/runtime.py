@@ -83,6 +83,9 @@ class Runtime:
         # "file" (the version's drift_reference.json), "lazy" (genre mix of the first window of events),
         # "pending" (that window is still filling); "+lazy-genres": a file without a genre mix, completed lazily.
         self.drift_reference_source = "pending"
+        # The rationale centroid's: "file", "lazy" (the first drift_min_events rationales the serving student
+        # wrote) or "pending" (still collecting them).
+        self.rationale_reference_source = "pending"
         self.drift_last_published: float | None = None  # monotonic time of the last published decision
         self.drift_last_decision: dict[str, Any] | None = None
         self._genres: OrderedDict[str, tuple[str, ...]] = OrderedDict()
@@ -191,6 +194,19 @@ class Runtime:
         else:
             reference = DriftReference(model_version=self.model_version, genres=self.drift.reference.genres)
             self.drift_reference_source = "lazy" if reference.genres is not None else "pending"
+        n, least = reference.rationale_samples, self.settings.drift_min_events
+        if reference.rationale_centroid is not None and (n is None or n >= least):
+            self.rationale_reference_source = "file"  # n None: a file from before the count was written
+        else:
+            # A centroid of a few held-out users' rationales is mostly those users: against it the live
+            # centroid of many users stays "far" after a good promotion and would keep waking the retrain job.
+            # A reference must rest on as many rationales as a decision does, so take the new student's first
+            # drift_min_events rationales instead (see _observe_rationale).
+            if reference.rationale_centroid is not None:
+                log.info("drift: the version's rationale centroid averages %d rationales (< drift_min_events %d):"
+                         " taking the reference from the first %d this student writes", n, least, least)
+                reference = reference.model_copy(update={"rationale_centroid": None, "rationale_samples": None})
+            self.rationale_reference_source = "pending"
         self.drift.reset_reference(reference, clear=clear)
 
     def drift_failed(self, what: str) -> None:
@@ -207,9 +223,24 @@ class Runtime:
 
     def observe_rationale(self, vector: np.ndarray) -> None:
         try:
-            self.drift.on_rationale(vector)
+            self._observe_rationale(vector)
         except Exception:
             self.drift_failed("on_rationale")
+
+    def _observe_rationale(self, vector: np.ndarray) -> None:
+        self.drift.on_rationale(vector)
+        ref, window = self.drift.reference, self.drift.rationales
+        if ref.rationale_centroid is None and len(window) >= self.settings.drift_min_events:
+            centroid = window.centroid()
+            if centroid is None or not float(np.linalg.norm(centroid)) > 0:
+                return  # the vectors cancel out: no direction to compare with yet
+            self.drift.reset_reference(ref.model_copy(update={
+                "rationale_centroid": centroid.tolist(), "rationale_samples": len(window),
+                "model_version": ref.model_version or self.model_version,
+            }), clear=False)
+            self.rationale_reference_source = "lazy"
+            log.info("drift: rationale reference taken from the first %d rationales of %s", len(window),
+                     self.model_version)
 
     def drift_snapshot(self) -> dict[str, Any]:
         try:
@@ -217,7 +248,9 @@ class Runtime:
         except Exception as exc:
             self.drift_failed("snapshot")
             snap = {"error": f"{type(exc).__name__}: {exc}"}
-        return {**snap, "reference_source": self.drift_reference_source, "last_decision": self.drift_last_decision}
+        return {**snap, "reference_source": self.drift_reference_source,
+                "rationale_reference_source": self.rationale_reference_source,
+                "last_decision": self.drift_last_decision}
 
     def observe_event(self, user_id: str, item_id: str, genres: Sequence[str]) -> None:
         """Feed one applied interaction to the drift monitor; take the lazy genre reference once the first

@@ -414,6 +414,7 @@ class Scenario:
             self.timeline.append({"phase": name, "round": r + 1, "t": round(time.time(), 3),
                                   "events_seen": d.get("events_seen"), "signals": d.get("signals"),
                                   "reference_source": d.get("reference_source"),
+                                  "rationale_reference_source": d.get("rationale_reference_source"),
                                   "student_model_version": m.get("student_model_version"),
                                   "drift_decisions_published": m.get("drift_decisions_published", 0)})
             sig = d.get("signals") or {}
@@ -537,8 +538,9 @@ def summarise_phase(sc: Scenario, log: PhaseLog) -> dict[str, Any]:
             "max": round(max(log.round_wait_s), 2) if log.round_wait_s else None},
         "hit_rate": client,
         "worker_hit_rate": worker,
-        "drift_at_end": {k: drift.get(k) for k in ("events_seen", "model_version", "reference_source", "signals",
-                                                    "samples", "last_decision")},
+        "drift_at_end": {k: drift.get(k) for k in ("events_seen", "model_version", "reference_source",
+                                                    "rationale_reference_source", "signals", "samples",
+                                                    "last_decision")},
         "student_model_version_at_end": (log.worker_end or {}).get("student_model_version"),
         "recommendations": {"fast": sum(r.path.value == "fast" for r in in_phase),
                             "slow": sum(r.path.value == "slow" for r in in_phase),
@@ -728,7 +730,7 @@ def print_table(out: dict[str, Any]) -> None:
             print(f"{'':<7} {v:<40} {fmt_rate(b)}")
     print()
     print("drift monitor at the end of each phase (worker /metrics/)")
-    print(f"{'phase':<7} {'reference':<18} {'events':>6} {'genre JS':>9} {'genre PSI':>9} {'rationale d':>11} "
+    print(f"{'phase':<7} {'reference (genre/rationale)':<28} {'events':>6} {'genre JS':>9} {'genre PSI':>9} {'rationale d':>11} "
           f"{'hit drop':>8}  decisions so far")
     for phase in PHASES:
         ph = out["phases"].get(phase)
@@ -742,7 +744,8 @@ def print_table(out: dict[str, Any]) -> None:
             return f"{'n/a':>{width}}" if v is None else f"{v:>{width}.3f}"
 
         n_dec = sum(1 for x in out["drift"]["decisions"] if STAGES.index(x["phase"]) <= STAGES.index(phase))
-        print(f"{phase:<7} {str(d.get('reference_source')):<18} {str(d.get('events_seen')):>6} {f('genre_js', 9)} "
+        ref = f"{d.get('reference_source')}/{d.get('rationale_reference_source')}"
+        print(f"{phase:<7} {ref:<28} {str(d.get('events_seen')):>6} {f('genre_js', 9)} "
               f"{f('genre_psi', 9)} {f('rationale_distance', 11)} {f('hit_rate_drop', 8)}  {n_dec}")
     first = out["drift"]["decisions"][0] if out["drift"]["decisions"] else None
     if first:

@@ -29,7 +29,9 @@ e. **Gate and registry.** :func:`retrain.gate.gate` compares the two; the candid
    topic offsets), the drift reason, both models' metrics, the gate decision and the datasets. Only a
    passing candidate is promoted (and ``publish(action="promote", ...)`` is called); a rejected one stays in
    the registry, unpromoted, its manifest saying why. Every version gets a ``drift_reference.json``: the genre
-   mix of the last ``drift_window_events`` events the cycle read and the centroid of its held-out rationales.
+   mix of the last ``drift_window_events`` events the cycle read and the centroid of its held-out rationales
+   with their count (workers use that centroid only when it rests on ``drift_min_events`` rationales, and
+   otherwise take the new student's first ones).
 
 :func:`retrain_once` wraps it for the CLI: it reads the events that arrived since the last cycle, from the
 interactions topic (a groupless aiokafka consumer from the offsets stored in ``<registry>/retrain_state.json``)
@@ -715,6 +717,7 @@ def run_cycle(
         model_version=registry.model_version(version, settings),
         genres=GenreDistribution.from_items(recent_items, cat) if genre_mix(recent_items, cat) else None,
         rationale_centroid=mean.tolist() if mean is not None and float(np.linalg.norm(mean)) > 0 else None,
+        rationale_samples=len(centroid),  # a worker takes the centroid only if it rests on drift_min_events
     ).save(registry.version_dir(version) / DRIFT_REFERENCE)
 
     common: dict[str, Any] = {

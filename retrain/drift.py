@@ -404,6 +404,8 @@ class DriftReference(BaseModel):
     model_version: str | None = None
     genres: GenreSnapshot | None = None
     rationale_centroid: list[float] | None = None
+    rationale_samples: int | None = Field(
+        None, ge=0, description="Rationales the centroid averages; None: not recorded (older files).")
     hit_rate: float | None = Field(None, ge=0, le=1, description="Online hit rate of model_version at the reference.")
     created_at: str = Field(default_factory=utc_now)
 
@@ -543,6 +545,7 @@ class DriftMonitor:
             model_version=model_version,
             genres=self.genres.snapshot() if len(self.genres) else None,
             rationale_centroid=c.tolist() if c is not None and float(np.linalg.norm(c)) > 0 else None,
+            rationale_samples=len(self.rationales) if c is not None else None,
             hit_rate=hit_rate,
         )
 

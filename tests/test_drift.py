@@ -330,3 +330,52 @@ def test_genre_drift_on_movielens_replay(ml1m, seed: int) -> None:
     assert fired["genre_psi"].samples == thresholds.window_events
     assert decision.model_version == "v1" and decision.events_seen == at
     assert DriftDecision.model_validate_json(decision.model_dump_json()) == decision
+
+
+# --- the worker's rationale reference ------------------------------------------------------------------------
+def _runtime(tmp_path, min_events: int):  # type: ignore[no-untyped-def]
+    from agents.runtime import Runtime
+
+    return Runtime(Settings(data_dir=tmp_path, drift_min_events=min_events, drift_window_events=4 * min_events))
+
+
+@pytest.mark.parametrize("samples", [3, None])
+def test_worker_takes_the_rationale_reference_from_its_first_rationales_unless_the_file_has_enough(
+        tmp_path, samples) -> None:
+    rng = np.random.default_rng(5)
+    c1, c2 = (c / np.linalg.norm(c) for c in rng.normal(size=(2, 32)))
+    # A reference centroid from a few users that are not the stream's: c2, while the stream is around c1.
+    far = _around(c2, 3, rng, spread=0.3).mean(axis=0).tolist()
+    rt = _runtime(tmp_path, 40)
+    try:
+        rt._set_drift_reference(DriftReference(model_version="v1", rationale_centroid=far, rationale_samples=samples),
+                                clear=True)
+        stream = _around(c1, 120, rng)
+        if samples is None:  # no count (a file written before counts were): trusted as before
+            assert rt.rationale_reference_source == "file"
+            for v in stream:
+                rt.observe_rationale(v)
+            assert rt.drift.signals()["rationale_distance"] > 0.5
+            return
+        # 3 < drift_min_events: not a reference; the first 40 rationales of the stream become it
+        assert rt.rationale_reference_source == "pending" and rt.drift.reference.rationale_centroid is None
+        for v in stream[:39]:
+            rt.observe_rationale(v)
+            assert rt.drift.signals()["rationale_distance"] is None
+        rt.observe_rationale(stream[39])
+        assert rt.rationale_reference_source == "lazy" and rt.drift.reference.rationale_samples == 40
+        assert rt.drift.reference.model_version == "v1"
+        assert np.allclose(rt.drift.reference.rationale_centroid, stream[:40].mean(axis=0))
+        for v in stream[40:]:
+            rt.observe_rationale(v)
+        assert rt.drift.signals()["rationale_distance"] < 0.05  # same regime: quiet
+        for v in _around(c2, 160, rng):  # then the rationales move: the lazy reference still sees it
+            rt.observe_rationale(v)
+        assert rt.drift.signals()["rationale_distance"] > 0.5
+        assert rt.drift_snapshot()["rationale_reference_source"] == "lazy"
+        # A swap to a version whose file has enough rationales uses the file, and the window starts afresh.
+        rt._set_drift_reference(DriftReference(model_version="v2", rationale_centroid=c2.tolist(),
+                                               rationale_samples=40), clear=True)
+        assert rt.rationale_reference_source == "file" and len(rt.drift.rationales) == 0
+    finally:
+        rt.close()

@@ -406,6 +406,7 @@ def test_a_cycle_publishes_and_promotes_a_version_with_its_provenance(world: Wor
     assert all(len(x["window"]) == 5 and len(x["target_items"]) == 2 and x["rationale"] for x in records)
     ref = json.loads((reg.version_dir("v0001") / "drift_reference.json").read_text())
     assert ref["model_version"].endswith("+v0001") and ref["genres"]["proportions"] and ref["rationale_centroid"]
+    assert 0 < ref["rationale_samples"] <= len(r.heldout_users)  # one candidate rationale per held-out user
     # The genre reference is the stream the cycle read (every event of the batch), not just its training windows.
     from retrain.drift import GenreDistribution
     from streams.datasets import load_items
