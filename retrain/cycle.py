@@ -711,13 +711,15 @@ def run_cycle(
     # Training windows (and the replayed ones) end before the users' latest events, so after a shift they are
     # still mostly pre-shift, and a reference built from them kept the genre signal firing after a promotion.
     recent_items = [e.item_id for e in latest_in_stream_order(events, settings.drift_window_events)]
-    centroid = candidate_vecs[np.linalg.norm(candidate_vecs, axis=1) > 0]
-    mean = centroid.mean(axis=0) if len(centroid) else None
+    written = candidate_vecs[np.linalg.norm(candidate_vecs, axis=1) > 0]
+    mean = written.mean(axis=0) if len(written) else None
+    has_centroid = mean is not None and float(np.linalg.norm(mean)) > 0
     DriftReference(
         model_version=registry.model_version(version, settings),
         genres=GenreDistribution.from_items(recent_items, cat) if genre_mix(recent_items, cat) else None,
-        rationale_centroid=mean.tolist() if mean is not None and float(np.linalg.norm(mean)) > 0 else None,
-        rationale_samples=len(centroid),  # a worker takes the centroid only if it rests on drift_min_events
+        rationale_centroid=mean.tolist() if has_centroid else None,
+        # a worker takes the centroid only if it rests on drift_min_events rationales
+        rationale_samples=len(written) if has_centroid else None,
     ).save(registry.version_dir(version) / DRIFT_REFERENCE)
 
     common: dict[str, Any] = {

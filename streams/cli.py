@@ -455,8 +455,6 @@ def models_list(
         console.print("(no CURRENT version: the base model)")
 
 
-
-
 def _announce(reg, action: str, reason: str) -> None:  # type: ignore[no-untyped-def]
     """Publish the registry's new state as a ModelUpdate; a broker failure is one line and exit 1, the
     registry change stays (the registry is the source of truth; `models publish` re-announces it)."""

@@ -108,8 +108,6 @@ async def publish(
     return sent
 
 
-
-
 def publish_events(settings: Settings, events: Iterable[InteractionEvent], rate: float | None = None) -> int:
     """Blocking: open a producer, send ``events`` to the interactions topic (at most ``rate``/s), close it."""
     async def run() -> int:

@@ -73,6 +73,14 @@ def run(coro):  # type: ignore[no-untyped-def]
     return asyncio.run(coro)
 
 
+def log_tail(path: Path, n: int) -> str:
+    """The last ``n`` lines of a subprocess's log file, for assertion messages."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "<no log>"
+
+
 class WorkerProcess:
     """``slimstream worker`` in a subprocess, configured by env vars like in production."""
 
@@ -116,10 +124,7 @@ class WorkerProcess:
         return self.get("/metrics/")
 
     def log_tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "<no log>"
+        return log_tail(self.log_path, n)
 
     def stop(self, timeout: float = 60.0) -> int:
         proc, self.proc = self.proc, None
@@ -236,10 +241,7 @@ class ServerProcess:
         raise AssertionError(f"server still busy after {timeout} s: {self.metrics()}")
 
     def log_tail(self, n: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except OSError:
-            return "<no log>"
+        return log_tail(self.log_path, n)
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.proc.poll() is None:

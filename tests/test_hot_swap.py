@@ -161,6 +161,22 @@ def assert_every_event_reflected(by_user: dict[str, list[Recommendation]], feed:
         assert final is not None and final.rationale_current and final.window_version == feed.sent[u]
 
 
+def send_and_check(feed: Feed, users: list[str], n: int, model_version: str) -> dict[str, list[Recommendation]]:
+    """Send ``n`` more events per user, wait until ``model_version`` explained each user's newest window, check
+    every event was reflected; the recommendations by user."""
+    feed.send(users, n)
+    by_user = recs_by_user(feed.bootstrap, all_explained(feed, users, model_version))
+    assert_every_event_reflected(by_user, feed, users)
+    return by_user
+
+
+def switch_with_cli(worker: WorkerProcess, env: dict[str, str], model_version: str, *args: str) -> None:
+    """``slimstream models <args>`` (promote / rollback), then wait for the worker to serve ``model_version``."""
+    proc = cli("models", *args, env=env)
+    assert proc.returncode == 0, proc.stderr
+    worker.wait_until(lambda h: h["model_version"] == model_version, 120)
+
+
 @pytest.mark.slow
 def test_promote_and_rollback_swap_the_student_without_a_restart(
     adapter_registry: ModelRegistry, histories, data_dir: Path, indexed_qdrant: Path, tmp_path: Path,
@@ -196,9 +212,7 @@ def test_promote_and_rollback_swap_the_student_without_a_restart(
         out, err = promote.communicate(timeout=60)
         assert promote.returncode == 0, err
         assert "published model update" in out and adapter_registry.current() == "v0001"
-        feed.send(users, 2)  # after the swap
-        by_user = recs_by_user(broker.bootstrap_servers, all_explained(feed, users, new))
-        assert_every_event_reflected(by_user, feed, users)
+        by_user = send_and_check(feed, users, 2, new)  # after the swap
         for u in users:
             # once the new student wrote a rationale for a user, every later one is the new student's
             versions = [r.rationale_model_version for r in by_user[u] if r.path.value == "slow"]
@@ -229,12 +243,8 @@ def test_promote_and_rollback_swap_the_student_without_a_restart(
         assert metrics["student_model_version"] == new
 
         # 4. rollback through the CLI: back to the base student
-        proc = cli("models", "rollback", env=env)
-        assert proc.returncode == 0, proc.stderr
-        worker.wait_until(lambda h: h["model_version"] == BASE, 120)
-        feed.send(users, 2)
-        by_user = recs_by_user(broker.bootstrap_servers, all_explained(feed, users, BASE))
-        assert_every_event_reflected(by_user, feed, users)
+        switch_with_cli(worker, env, BASE, "rollback")
+        send_and_check(feed, users, 2, BASE)
         assert worker.metrics()["model_swaps"] == 2
 
         # drift: fed by the stream, one decision published (then the cool-down holds the rest back)

@@ -163,7 +163,7 @@ def test_server_paths_are_re_rooted_under_the_servers_mount(data_dir: Path, regi
 @pytest.mark.slow
 def test_a_worker_on_vllm_hot_swaps_to_the_promoted_adapter_and_back(
         vllm: str, data_dir: Path, registry: ModelRegistry, indexed_qdrant: Path, tmp_path: Path) -> None:
-    from tests.test_hot_swap import Feed, all_explained, assert_every_event_reflected, cli, ml_histories, recs_by_user
+    from tests.test_hot_swap import Feed, all_explained, ml_histories, recs_by_user, send_and_check, switch_with_cli
 
     histories = ml_histories()
     new = f"{BASE}+v0001"
@@ -179,23 +179,15 @@ def test_a_worker_on_vllm_hot_swaps_to_the_promoted_adapter_and_back(
             feed.send(users, 2)
             recs_by_user(broker.bootstrap_servers, all_explained(feed, users, BASE))
 
-            proc = cli("models", "promote", "v0001", env=env)
-            assert proc.returncode == 0, proc.stderr
-            worker.wait_until(lambda h: h["model_version"] == new, 120)
-            feed.send(users, 2)
-            by_user = recs_by_user(broker.bootstrap_servers, all_explained(feed, users, new))
-            assert_every_event_reflected(by_user, feed, users)
+            switch_with_cli(worker, env, new, "promote", "v0001")
+            send_and_check(feed, users, 2, new)
             metrics = worker.metrics()
             assert metrics["model_swaps"] == 1 and metrics["model_swap_failures"] == 0
             assert metrics.get("student_errors", 0) == 0
             served = httpx.get(f"{vllm}/models", timeout=10).json()["data"]
             assert any(m["id"].startswith("v0001-") for m in served), "the swap loaded the adapter into vLLM"
 
-            proc = cli("models", "rollback", env=env)
-            assert proc.returncode == 0, proc.stderr
-            worker.wait_until(lambda h: h["model_version"] == BASE, 120)
-            feed.send(users, 1)
-            by_user = recs_by_user(broker.bootstrap_servers, all_explained(feed, users, BASE))
-            assert_every_event_reflected(by_user, feed, users)
+            switch_with_cli(worker, env, BASE, "rollback")
+            send_and_check(feed, users, 1, BASE)
         finally:
             assert worker.stop() == 0, worker.log_tail()
