@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
 
@@ -57,3 +58,15 @@ async def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, 
         return {tp.partition: offset for tp, offset in answer.items()}
     finally:
         await consumer.stop()
+
+
+async def committed_offsets(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
+    """A consumer group's committed offsets on ``topic`` (-1 where it committed none)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        answer = await admin.list_consumer_group_offsets(
+            group, partitions=[TopicPartition(topic, p) for p in range(partitions)])
+        return {tp.partition: meta.offset for tp, meta in answer.items()}
+    finally:
+        await admin.close()
