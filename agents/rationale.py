@@ -1,27 +1,36 @@
-"""Rationale agent: coalesced, batched, deadline-bound student calls -> Qdrant -> slow-path recommendation.
+"""Rationale loops: backlog -> coalesced, batched, deadline-bound student calls -> Qdrant -> slow path.
 
-Requests arrive on ``rationale-requests`` (keyed and partitioned like the windows table, so the table
-is local here). A request whose window version is no longer the newest is dropped: the newer request
-is already queued behind it, so a burst of events for one user costs one student call for the newest
-window, not one per event. Requests are taken in batches so one model call serves several users.
+The window agent marks users in :attr:`Runtime.backlog` (one entry per user, however many events they sent);
+``student_concurrency`` loops here take batches of them at the student's pace. A request always means the
+user's *newest* window, read from the table when its batch starts, so a burst of events for one user costs
+one student call, not one per event, and nothing the student does can hold up the window agent.
+
+A user whose stored rationale is already at least as new as their window (by (epoch, version)) is skipped,
+and so is one whose partition this worker no longer owns (a rebalance moved it; its new owner sweeps it).
+
+The backlog lives in memory. After every (re)assignment, once the table is recovered, :func:`sweep` asks
+again for each owned user whose window has no current rationale, so a crash or a rebalance loses no request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
-from agents.recommend import build_recommendation
+from agents.recommend import build_recommendations
 from agents.runtime import DeadlineExceeded
-from agents.state import runtime
+from agents.state import owned_partitions, runtime
 from models.prompts import PromptItem, build_slim_messages
 from models.student import StudentError, postprocess_rationale
-from streams.app import app, rationale_requests_topic, recommendations_topic, windows
-from streams.events import RationaleRequest, RecommendationPath
+from streams.app import app, recommendations_topic, windows
+from streams.events import RecommendationPath
 from streams.window import WindowState
-from vectorstore.store import rationale_key
 
 log = logging.getLogger(__name__)
+SWEEP_CHUNK = 512  # users per store lookup while sweeping
+SWEEP_POLL_S = 1.0
 
 
 def _current_state(user_id: str) -> WindowState | None:
@@ -29,44 +38,50 @@ def _current_state(user_id: str) -> WindowState | None:
     return WindowState.model_validate(raw) if raw else None
 
 
-@app.agent(rationale_requests_topic)
-async def rationale_agent(stream):  # type: ignore[no-untyped-def]
-    s = runtime.settings
+@app.task
+async def rationale_workers() -> None:
     await runtime.models_ready.wait()
-    async for values in stream.take(s.student_batch_size, within=s.student_batch_wait_s):
-        newest: dict[str, int] = {}
-        for value in values:
-            try:
-                req = RationaleRequest.model_validate_json(value)
-            except ValueError:
-                log.error("dropping unreadable rationale request %r", value[:200])
-                continue
-            newest[req.user_id] = max(newest.get(req.user_id, -1), req.window_version)
-        todo: list[WindowState] = []
-        for user_id, version in newest.items():
-            state = _current_state(user_id)
-            if state is None or state.version != version:
-                runtime.metrics["rationale_requests_coalesced"] += 1
-                continue
-            existing = await runtime.in_store(runtime.store.get_rationale, user_id)  # type: ignore[union-attr]
-            if existing is not None and rationale_key(existing[1]) >= (state.epoch, version):
-                runtime.metrics["rationale_requests_already_done"] += 1  # a replayed request
-                continue
-            todo.append(state)
-        runtime.metrics["rationale_requests_coalesced"] += len(values) - len(newest)
-        if todo:
-            await _rationalise(todo)
+    await asyncio.gather(*(_loop() for _ in range(runtime.settings.student_concurrency)), _sweeper())
+
+
+async def _loop() -> None:
+    s = runtime.settings
+    while True:
+        users = await runtime.backlog.take_batch(s.student_batch_size, s.student_batch_wait_s)
+        try:
+            await _serve(users)
+        except Exception:  # the loop must outlive any one batch
+            runtime.metrics["rationale_errors"] += 1
+            log.exception("rationale batch for %d users failed; they keep the fast path", len(users))
+
+
+async def _serve(users: Sequence[str]) -> None:
+    store = runtime.store
+    assert store is not None
+    owned = owned_partitions()
+    states = []
+    for user_id in users:
+        state = _current_state(user_id)
+        if state is None:
+            continue
+        if state.partition not in owned:
+            runtime.metrics["rationale_requests_not_owned"] += 1
+            continue
+        states.append(state)
+    stored = await runtime.in_store(store.rationale_keys, [st.user_id for st in states]) if states else {}
+    todo = [st for st in states if stored.get(st.user_id, (-1, -1)) < (st.epoch, st.version)]
+    runtime.metrics["rationale_requests_already_done"] += len(states) - len(todo)
+    if todo:
+        await _rationalise(todo)
 
 
 async def _rationalise(states: list[WindowState]) -> None:
     s = runtime.settings
     store = runtime.store
     assert store is not None
-    prompts = []
-    for state in states:
-        meta = await runtime.in_store(store.get_items, state.item_ids)
-        prompts.append(build_slim_messages([_prompt_item(i, meta.get(i.item_id)) for i in state.items],
-                                           s.prompt_max_items))
+    meta = await runtime.in_store(store.get_items, list(dict.fromkeys(i for st in states for i in st.item_ids)))
+    prompts = [build_slim_messages([_prompt_item(i, meta.get(i.item_id)) for i in st.items], s.prompt_max_items)
+               for st in states]
     # The student this batch runs on and is attributed to: a hot swap may replace runtime.student meanwhile.
     student = runtime.student
     assert student is not None
@@ -81,9 +96,12 @@ async def _rationalise(states: list[WindowState]) -> None:
         return
     runtime.metrics["student_calls"] += 1
     runtime.metrics["rationales_generated"] += len(texts)
-    log.info("student wrote %d rationales in %.1fs", len(texts), time.monotonic() - t0)
+    runtime.latency["student_batch_s"].append(time.monotonic() - t0)
+    log.info("student wrote %d rationales in %.1fs (backlog: %d users)", len(texts), time.monotonic() - t0,
+             len(runtime.backlog))
     rationales = [postprocess_rationale(t) for t in texts]
     vectors = await runtime.encode(rationales)
+    fresh = {}
     for state, text, vec in zip(states, rationales, vectors):
         payload = {
             "user_id": state.user_id,
@@ -98,13 +116,52 @@ async def _rationalise(states: list[WindowState]) -> None:
             runtime.metrics["rationales_stale"] += 1  # a newer window's rationale is already stored
             continue
         runtime.observe_rationale(vec)
-        # Recommend for the newest window: it may have moved on while the student was thinking, in which
-        # case the message says the rationale is not current.
-        current = _current_state(state.user_id) or state
-        rec = await build_recommendation(runtime, current, RecommendationPath.slow, (vec, payload))
-        await recommendations_topic.send(key=state.user_id.encode(), value=rec.model_dump_json().encode())
+        fresh[state.user_id] = (vec, payload)
+    # Recommend for the newest windows: they may have moved on while the student was thinking, in which case
+    # the message says the rationale is not current (and the user is already back in the backlog).
+    current = [_current_state(st.user_id) or st for st in states if st.user_id in fresh]
+    for rec in await build_recommendations(runtime, current, RecommendationPath.slow, fresh):
+        await recommendations_topic.send(key=rec.user_id.encode(), value=rec.model_dump_json().encode())
         runtime.observe_recommendation(rec)
         runtime.metrics["recommendations_slow"] += 1
+
+
+async def _sweeper() -> None:
+    """Sweep once per consumer generation, after that generation's table recovery completed."""
+    swept: int | None = None
+    while True:
+        await asyncio.sleep(SWEEP_POLL_S)
+        generation = app.consumer_generation_id
+        if generation == swept or not app.tables.recovery.completed.is_set() or not owned_partitions():
+            continue
+        swept = generation
+        try:
+            asked = await sweep()
+        except Exception:
+            runtime.metrics["rationale_sweep_errors"] += 1
+            log.exception("rationale sweep failed")
+            continue
+        log.info("rationale sweep (generation %s): %d users without a current rationale asked again",
+                 generation, asked)
+
+
+async def sweep() -> int:
+    """Ask again for every owned user whose stored rationale is older than their window (or missing)."""
+    store = runtime.store
+    assert store is not None
+    owned = owned_partitions()
+    windows_now = [(user, raw) for user, raw in list(windows.items())
+                   if raw and int(raw.get("partition", -1)) in owned]
+    asked = 0
+    for start in range(0, len(windows_now), SWEEP_CHUNK):
+        chunk = windows_now[start:start + SWEEP_CHUNK]
+        stored = await runtime.in_store(store.rationale_keys, [user for user, _ in chunk])
+        for user, raw in chunk:
+            if stored.get(user, (-1, -1)) < (int(raw.get("epoch", 0) or 0), int(raw.get("version", 0))):
+                runtime.backlog.request(user)
+                asked += 1
+    runtime.metrics["rationale_sweep_requests"] += asked
+    return asked
 
 
 def _prompt_item(item, meta: dict | None) -> PromptItem:  # type: ignore[no-untyped-def]

@@ -1,13 +1,18 @@
-"""Build a :class:`Recommendation` for one user's window: the part both paths share.
+"""Build :class:`Recommendation` s for users' windows: the part both paths share, batched.
 
-Fast path: the user's last rationale vector (whatever window it was written for) blended with the
-embeddings of the newest window items. Slow path: the same with the rationale that was just written
-for this window. Either way the items already in the window are excluded.
+Fast path: each user's last rationale vector (whatever window it was written for) blended with the embeddings
+of the newest window items. Slow path: the same with the rationale that was just written for this window.
+Either way the items already in the window are excluded.
+
+One call serves a whole batch of users with three store round trips (their rationales, the union of their
+recent items' vectors, one batched search) and at most one encoder call (items the catalogue does not know),
+so the cost of answering a backlog grows with the users in it, not with its events.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -17,43 +22,67 @@ from streams.events import Recommendation, RecommendationPath, RecommendedItem
 from streams.window import WindowState
 from vectorstore.store import rationale_key
 
+Rationale = tuple[np.ndarray, dict]
 
-async def build_recommendation(
+
+async def build_recommendations(
     rt: Runtime,
-    state: WindowState,
+    states: Sequence[WindowState],
     path: RecommendationPath,
-    rationale: tuple[np.ndarray, dict] | None = None,
-) -> Recommendation:
+    rationales: Mapping[str, Rationale] | None = None,
+) -> list[Recommendation]:
+    """One recommendation per state, in order. ``rationales``: user -> (vector, payload) to use instead of
+    the stored ones (the slow path's fresh rationales); users missing from it are looked up in the store."""
+    if not states:
+        return []
     s = rt.settings
     assert rt.store is not None
     store = rt.store
-    recent_ids = state.item_ids[-s.fast_path_recent_items:]
-
-    if rationale is None:
-        rationale = await rt.in_store(store.get_rationale, state.user_id)
-    item_vectors = await rt.in_store(store.get_item_vectors, recent_ids)
-    unknown = [i for i in recent_ids if i not in item_vectors]
+    given = dict(rationales or {})
+    lookup = [st.user_id for st in states if st.user_id not in given]
+    stored = await rt.in_store(store.get_rationales, lookup) if lookup else {}
+    recent = {st.user_id: st.item_ids[-s.fast_path_recent_items:] for st in states}
+    wanted = list(dict.fromkeys(i for ids in recent.values() for i in ids))
+    item_vectors = await rt.in_store(store.get_item_vectors, wanted) if wanted else {}
+    unknown = [i for i in wanted if i not in item_vectors]
     if unknown:
         # Items the catalogue has never seen are still usable: their id is their text (ID-agnostic).
         for item_id, vec in zip(unknown, await rt.encode(unknown)):
             item_vectors[item_id] = vec
-            rt.metrics["unknown_items_embedded"] += 1
+        rt.metrics["unknown_items_embedded"] += len(unknown)
 
-    recent = recent_items_vector(recent_ids, item_vectors, s.fast_path_recent_items, s.recency_decay)
-    query = blend_query(rationale[0] if rationale else None, recent, s.rationale_weight)
-    hits = [] if query is None else await rt.in_store(store.search_items, query, state.item_ids, s.top_k)
+    queries: list[tuple[np.ndarray, list[str]]] = []
+    slots: list[int | None] = []
+    chosen: list[Rationale | None] = []
+    for st in states:
+        rationale = given.get(st.user_id) or stored.get(st.user_id)
+        chosen.append(rationale)
+        ids = recent[st.user_id]
+        query = blend_query(rationale[0] if rationale else None,
+                            recent_items_vector(ids, item_vectors, s.fast_path_recent_items, s.recency_decay),
+                            s.rationale_weight)
+        if query is None or not np.all(np.isfinite(query)):
+            slots.append(None)
+            continue
+        slots.append(len(queries))
+        queries.append((query, st.item_ids))
+    results = await rt.in_store(store.search_items_batch, queries, s.top_k) if queries else []
 
-    payload = rationale[1] if rationale else {}
-    r_version = payload.get("window_version")
-    return Recommendation(
-        user_id=state.user_id,
-        items=[RecommendedItem(item_id=h.item_id, score=float(h.score), title=h.title) for h in hits],
-        rationale=payload.get("rationale", ""),
-        rationale_model_version=payload.get("model_version"),
-        rationale_window_version=r_version,
-        rationale_current=bool(payload) and rationale_key(payload) == (state.epoch, state.version),
-        window_version=state.version,
-        last_event_timestamp=state.last_event_timestamp,
-        produced_at=time.time(),
-        path=path,
-    )
+    now = time.time()
+    out = []
+    for st, slot, rationale in zip(states, slots, chosen):
+        hits = [] if slot is None else results[slot]
+        payload = rationale[1] if rationale else {}
+        out.append(Recommendation(
+            user_id=st.user_id,
+            items=[RecommendedItem(item_id=h.item_id, score=float(h.score), title=h.title) for h in hits],
+            rationale=payload.get("rationale", ""),
+            rationale_model_version=payload.get("model_version"),
+            rationale_window_version=payload.get("window_version"),
+            rationale_current=bool(payload) and rationale_key(payload) == (st.epoch, st.version),
+            window_version=st.version,
+            last_event_timestamp=st.last_event_timestamp,
+            produced_at=now,
+            path=path,
+        ))
+    return out

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
-from retrain.drift import DriftMonitor, DriftReference
+from agents.backlog import RationaleBacklog
+from retrain.drift import DriftMonitor, DriftReference, StaleShare
 from retrain.registry import ModelRegistry
 from streams.settings import Settings
 
@@ -47,6 +48,7 @@ T = TypeVar("T")
 
 DRIFT_REFERENCE_FILE = "drift_reference.json"  # in <registry>/<version>/, written by the retrain job
 GENRE_CACHE_SIZE = 100_000  # item -> genres, for the drift monitor's genre mix (least recently used dropped)
+LATENCY_SAMPLES = 2_000  # recent timings kept per measured step, for /metrics/ percentiles
 
 SwapResult = Literal["swapped", "noop", "failed"]
 
@@ -63,7 +65,12 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics: Counter[str] = Counter()
+        self.latency: defaultdict[str, deque[float]] = defaultdict(lambda: deque(maxlen=LATENCY_SAMPLES))
         self.started_at = time.time()
+        # Users waiting for a rationale (agents/backlog.py) and the share of answers without a current one:
+        # load, reported as such, never a drift signal.
+        self.backlog = RationaleBacklog(settings.rationale_backlog_max)
+        self.stale = StaleShare(window=settings.drift_window_events)
         self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="qdrant")
         self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="encoder")
         self._student_pool = ThreadPoolExecutor(settings.student_concurrency, thread_name_prefix="student")
@@ -216,10 +223,21 @@ class Runtime:
             log.exception("drift monitor: %s failed (counted in drift_errors; the stream goes on)", what)
 
     def observe_recommendation(self, rec: Any) -> None:
+        self.stale.add(bool(rec.rationale_current))
         try:
             self.drift.on_recommendation(rec)
         except Exception:
             self.drift_failed("on_recommendation")
+
+    def load_snapshot(self) -> dict[str, Any]:
+        """How far behind the student is: the rationale backlog, and the share of recent answers that went out
+        without a rationale for the user's current window. Load, not drift (see retrain/drift.py)."""
+        return {
+            "rationale_backlog": self.backlog.snapshot(),
+            "stale_share": self.stale.share(),
+            "stale_samples": len(self.stale),
+            "latency_s": {name: _percentiles(values) for name, values in self.latency.items()},
+        }
 
     def observe_rationale(self, vector: np.ndarray) -> None:
         try:
@@ -270,19 +288,26 @@ class Runtime:
             self.drift_reference_source = "file+lazy-genres" if self.drift_reference_source == "file" else "lazy"
             log.info("drift: genre reference taken from the first %d events", len(self.drift.genres))
 
-    async def item_genres(self, item_id: str) -> tuple[str, ...]:
-        """The item's catalogue genres (``()`` if unknown): cached; a miss costs one store lookup, once."""
-        genres = self._genres.get(item_id)
-        if genres is not None:
-            self._genres.move_to_end(item_id)
-            return genres
-        assert self.store is not None
-        meta = await self.in_store(self.store.get_items, [item_id])
-        genres = tuple(str(g) for g in ((meta.get(item_id) or {}).get("genres") or ()))
-        self._genres[item_id] = genres
-        if len(self._genres) > GENRE_CACHE_SIZE:
-            self._genres.popitem(last=False)
-        return genres
+    async def item_genres_many(self, item_ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        """Each item's catalogue genres (``()`` if unknown): cached; the misses cost one store lookup, once."""
+        out: dict[str, tuple[str, ...]] = {}
+        missing = []
+        for item_id in dict.fromkeys(item_ids):
+            genres = self._genres.get(item_id)
+            if genres is None:
+                missing.append(item_id)
+            else:
+                self._genres.move_to_end(item_id)
+                out[item_id] = genres
+        if missing:
+            assert self.store is not None
+            meta = await self.in_store(self.store.get_items, missing)
+            for item_id in missing:
+                genres = tuple(str(g) for g in ((meta.get(item_id) or {}).get("genres") or ()))
+                out[item_id] = self._genres[item_id] = genres
+            while len(self._genres) > GENRE_CACHE_SIZE:
+                self._genres.popitem(last=False)
+        return out
 
     def _open_store(self) -> "VectorStore":
         from streams.datasets import load_items
@@ -327,3 +352,11 @@ class Runtime:
         except asyncio.TimeoutError:
             self.metrics["student_deadline_exceeded"] += 1
             raise DeadlineExceeded(f"student batch of {len(batch)} exceeded {self.settings.student_deadline_s}s")
+
+
+def _percentiles(values: "deque[float]") -> dict[str, float | int]:
+    if not values:
+        return {"n": 0}
+    a = np.fromiter(values, dtype=np.float64)
+    p50, p99 = np.percentile(a, [50, 99])
+    return {"n": int(a.size), "p50": round(float(p50), 4), "p99": round(float(p99), 4), "max": round(float(a.max()), 4)}

@@ -29,3 +29,9 @@ class RuntimeService(Service):
 
     async def on_stop(self) -> None:
         runtime.close()
+
+
+def owned_partitions() -> set[int]:
+    """The interactions partitions (= window table partitions: co-partitioned) this worker owns now."""
+    topic = runtime.settings.topic_interactions
+    return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}

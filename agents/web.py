@@ -36,6 +36,7 @@ class Metrics(View):
             **runtime.metrics,
             "student_model_version": runtime.model_version,
             "last_model_swap": runtime.last_swap,
+            "load": runtime.load_snapshot(),
             "drift": runtime.drift_snapshot(),
         })
 

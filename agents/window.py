@@ -1,72 +1,183 @@
-"""Window agent: validate each interaction, update the user's behaviour window, and trigger both paths.
+"""Window agent: validate each interaction, update the user's behaviour window, answer it on the fast path.
 
-At-least-once: offsets are committed after an event is handled, so after a crash some events come
-again. :func:`streams.window.is_duplicate` recognises them by (partition, offset) and event_id, so a
-replay never appends twice; the newest replayed event re-sends its rationale request and fast-path
-recommendation, which are idempotent downstream.
+Events are applied one at a time (the table write needs the event's own partition), but answered in batches
+(:class:`FastPathBatch`): one recommendation per user per batch, for the user's newest window, built with one
+batched store call for all of them. Under a backlog a batch holds up to ``fast_path_batch_max`` events and
+the cost of answering grows with its users, not its events (Kafka Streams' record cache does the same:
+consecutive updates of a key are forwarded once); at a trickle a batch is one event, answered within
+``fast_path_batch_wait_s``.
+
+Nothing here waits for the student: an applied event marks its user in the rationale backlog
+(:mod:`agents.backlog`), which the rationale loops drain at the student's pace.
+
+At-least-once: the stream does not ack on its own (``noack``); an event is acked once its batch was
+answered (or it was dead-lettered / re-keyed), so Faust commits no offset whose recommendation has not been
+sent. After a crash some events come again. :func:`streams.window.is_duplicate` recognises them by
+(partition, offset) and event_id, so a replay never appends twice; the newest replayed event is answered
+again, which is idempotent downstream.
+
+A record that fails in a way nobody foresaw goes to the dead-letter topic with the error; one poison record
+must not restart the agent and stop every partition.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from agents.recommend import build_recommendation
+from agents.recommend import build_recommendations
 from agents.state import runtime
-from streams.app import app, dead_letter_topic, interactions_topic, rationale_requests_topic, recommendations_topic, windows
-from streams.events import DeadLetter, InvalidEvent, RationaleRequest, RecommendationPath, parse_event
+from streams.app import app, dead_letter_topic, interactions_topic, recommendations_topic, windows
+from streams.events import DeadLetter, EventLimits, InvalidEvent, RecommendationPath, dead_letter_key, parse_event
 from streams.window import WindowState, apply_event, is_duplicate
 
 log = logging.getLogger(__name__)
+ANSWER_RETRIES = (0.5, 1.0, 2.0)  # seconds between attempts to answer a batch (the store or broker hiccups)
+
+
+class FastPathBatch:
+    """Applied events not yet answered: the newest window per user, the applied (user, item) pairs in order
+    (the drift monitor judges each against the recommendation the user had before the batch), and every
+    event to ack once the answers are out."""
+
+    def __init__(self, ack: Callable[[Any], Awaitable[Any]], max_events: int, wait_s: float) -> None:
+        self._ack = ack
+        self.max_events = max_events
+        self.wait_s = wait_s
+        self.states: dict[str, WindowState] = {}
+        self.applied: list[tuple[str, str]] = []
+        self.events: list[Any] = []
+        self._pending = asyncio.Event()
+        self._lock = asyncio.Lock()  # batches are answered in order: a user's v7 never goes out before v5
+
+    def add(self, event: Any, state: WindowState | None = None, applied: tuple[str, str] | None = None) -> None:
+        self.events.append(event)
+        if state is not None:
+            self.states[state.user_id] = state
+        if applied is not None:
+            self.applied.append(applied)
+        self._pending.set()
+
+    @property
+    def full(self) -> bool:
+        return len(self.events) >= self.max_events
+
+    async def run(self) -> None:
+        """Answer whatever is pending every ``wait_s`` (the agent answers full batches itself)."""
+        while True:
+            await self._pending.wait()
+            await asyncio.sleep(self.wait_s)
+            await self.answer()
+
+    async def answer(self) -> None:
+        async with self._lock:
+            states, applied, events = self.states, self.applied, self.events
+            self.states, self.applied, self.events = {}, [], []
+            self._pending.clear()
+            if not events:
+                return
+            t0 = time.monotonic()
+            for delay in (*ANSWER_RETRIES, None):
+                try:
+                    await _answer(list(states.values()), applied)
+                    break
+                except Exception:
+                    runtime.metrics["fast_path_errors"] += 1
+                    if delay is None:
+                        # The windows are durable (changelog); these users get their next answer with their
+                        # next event or rationale. Holding the offsets would stop the partition for good.
+                        log.exception("fast path: giving up answering %d users; their windows are kept", len(states))
+                        break
+                    log.warning("fast path: answering %d users failed; retrying in %.1fs", len(states), delay,
+                                exc_info=True)
+                    await asyncio.sleep(delay)
+            for event in events:
+                await self._ack(event)
+            runtime.metrics["fast_path_batches"] += 1
+            runtime.metrics["fast_path_batch_events"] += len(events)
+            runtime.latency["fast_path_batch_s"].append(time.monotonic() - t0)
+
+
+async def _answer(states: list[WindowState], applied: list[tuple[str, str]]) -> None:
+    genres = await runtime.item_genres_many([item for _, item in applied])
+    for user_id, item_id in applied:
+        runtime.observe_event(user_id, item_id, genres.get(item_id, ()))
+    for rec in await build_recommendations(runtime, states, RecommendationPath.fast):
+        await recommendations_topic.send(key=rec.user_id.encode(), value=rec.model_dump_json().encode())
+        runtime.observe_recommendation(rec)
+        runtime.metrics["recommendations_fast"] += 1
 
 
 @app.agent(interactions_topic)
 async def window_agent(stream):  # type: ignore[no-untyped-def]
     s = runtime.settings
+    limits = EventLimits.from_settings(s)
     await runtime.store_ready.wait()
-    async for event in stream.events():
-        msg = event.message
-        runtime.metrics["events_in"] += 1
-        try:
-            ev = parse_event(event.value, s.max_event_bytes)
-        except InvalidEvent as exc:
-            runtime.metrics["dead_letters"] += 1
-            await dead_letter_topic.send(
-                key=msg.key,
-                value=DeadLetter.for_record(event.value or b"", str(exc), msg.topic, msg.partition, msg.offset)
-                .model_dump_json().encode(),
-            )
-            continue
+    manual = stream.noack()
+    batch = FastPathBatch(manual.ack, s.fast_path_batch_max, s.fast_path_batch_wait_s)
+    answering = asyncio.ensure_future(batch.run())
+    try:
+        async for event in manual.events():
+            runtime.metrics["events_in"] += 1
+            try:
+                await _handle(event, batch, limits)
+            except Exception as exc:  # a bug meets a record: dead-letter it, keep the stream going
+                runtime.metrics["handler_errors"] += 1
+                if runtime.metrics["handler_errors"] <= 5:
+                    log.exception("window agent: unexpected error on %s[%d]@%d; dead-lettered",
+                                  event.message.topic, event.message.partition, event.message.offset)
+                await _dead_letter(event, f"internal error: {type(exc).__name__}: {exc}")
+                batch.add(event)
+            if batch.full:
+                await batch.answer()
+    finally:
+        answering.cancel()
 
-        key = msg.key.decode("utf-8", "replace") if isinstance(msg.key, bytes) else msg.key
-        if key != ev.user_id:
-            # The window table is partitioned by user_id; an event under another key (or none) sits on the
-            # wrong partition. Re-publish it under its user_id instead of losing or misfiling it.
-            runtime.metrics["rekeyed"] += 1
-            await interactions_topic.send(key=ev.user_id.encode(), value=event.value)
-            continue
 
-        raw = windows.get(ev.user_id)
-        state = WindowState.model_validate(raw) if raw else None
-        if is_duplicate(state, ev, msg.partition, msg.offset):
-            runtime.metrics["duplicates"] += 1
-            if state is None or not (msg.partition == state.partition and msg.offset == state.offset):
-                continue
-            # The newest applied event came again: its follow-ups may not have gone out before a crash.
-        else:
-            state = apply_event(state, ev, msg.partition, msg.offset, s.window_size, s.recent_event_ids,
-                                epoch=time.time_ns() // 1_000_000)
-            windows[ev.user_id] = state.model_dump(mode="json")
-            runtime.metrics["events_applied"] += 1
-            # Drift: judged against the user's last recommendation, before this event's own goes out.
-            runtime.observe_event(ev.user_id, ev.item_id, await runtime.item_genres(ev.item_id))
+async def _handle(event: Any, batch: FastPathBatch, limits: EventLimits) -> None:
+    msg = event.message
+    try:
+        ev = parse_event(event.value, limits)
+    except InvalidEvent as exc:
+        await _dead_letter(event, str(exc))
+        batch.add(event)
+        return
 
-        await rationale_requests_topic.send(
-            key=ev.user_id.encode(),
-            value=RationaleRequest(user_id=ev.user_id, window_version=state.version).model_dump_json().encode(),
-        )
-        runtime.metrics["rationale_requests"] += 1
-        rec = await build_recommendation(runtime, state, RecommendationPath.fast)
-        await recommendations_topic.send(key=ev.user_id.encode(), value=rec.model_dump_json().encode())
-        runtime.observe_recommendation(rec)
-        runtime.metrics["recommendations_fast"] += 1
+    key = msg.key.decode("utf-8", "replace") if isinstance(msg.key, bytes) else msg.key
+    if key != ev.user_id:
+        # The window table is partitioned by user_id; an event under another key (or none) sits on the
+        # wrong partition. Re-publish it under its user_id instead of losing or misfiling it.
+        runtime.metrics["rekeyed"] += 1
+        await interactions_topic.send(key=ev.user_id.encode(), value=event.value)
+        batch.add(event)
+        return
+
+    s = runtime.settings
+    raw = windows.get(ev.user_id)
+    state = WindowState.model_validate(raw) if raw else None
+    applied = None
+    if is_duplicate(state, ev, msg.partition, msg.offset):
+        runtime.metrics["duplicates"] += 1
+        if state is None or not (msg.partition == state.partition and msg.offset == state.offset):
+            batch.add(event)
+            return
+        # The newest applied event came again: its answer may not have gone out before a crash.
+    else:
+        state = apply_event(state, ev, msg.partition, msg.offset, s.window_size, s.recent_event_ids,
+                            epoch=time.time_ns() // 1_000_000)
+        windows[ev.user_id] = state.model_dump(mode="json")
+        runtime.metrics["events_applied"] += 1
+        applied = (ev.user_id, ev.item_id)
+    runtime.backlog.request(ev.user_id)
+    batch.add(event, state, applied)
+
+
+async def _dead_letter(event: Any, reason: str) -> None:
+    msg = event.message
+    value = event.value if isinstance(event.value, bytes) else b""
+    letter = DeadLetter.for_record(value, reason, msg.topic, msg.partition, msg.offset)
+    await dead_letter_topic.send(key=dead_letter_key(msg.key), value=letter.model_dump_json().encode())
+    runtime.metrics["dead_letters"] += 1

@@ -28,9 +28,8 @@ The online hit rate is the drift monitor's: each event is judged against the top
 rationale)`` before the user had one). The script keeps the same tally from the recommendations topic, per
 phase (the worker's windows roll and are reset by a hot swap), and cross-checks it with the worker's own
 counts wherever those cover exactly one phase. The drift monitor's settings here: rolling window =
-the "before" phase's event count (so its lazy genre reference is exactly the pre-shift mix), stale-share
-signal off (the replay waits for rationales, so it would measure the pacing, not the users), one check per
-second.
+the "before" phase's event count (so its lazy genre reference is exactly the pre-shift mix), one check per
+second (the stale-rationale share is load, not a drift signal, and never fires).
 
 Writes ``benchmarks/results/drift_scenario.json`` (``--results``) and prints a table. Worker, teacher,
 retrain child and broker are stopped on exit, Ctrl-C and errors (each runs in its own process group).
@@ -486,7 +485,6 @@ def scenario_env(args: argparse.Namespace, run_dir: Path, data_dir: Path, broker
         "SLIMSTREAM_DRIFT_MIN_EVENTS": str(args.drift_min_events or max(5, drift_window // 4)),
         "SLIMSTREAM_DRIFT_CHECK_EVERY_S": "1",
         "SLIMSTREAM_DRIFT_COOLDOWN_S": str(args.drift_cooldown),
-        "SLIMSTREAM_DRIFT_STALE_SHARE": str(args.stale_share_threshold),
         "SLIMSTREAM_RETRAIN_GATE_MARGIN": str(args.gate_margin),
         "SLIMSTREAM_RETRAIN_MAX_STEPS": str(args.retrain_max_steps),
         "SLIMSTREAM_RETRAIN_SAMPLES": str(args.retrain_samples),
@@ -819,8 +817,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--drift-window", type=int, help="drift monitor rolling window (default: the 'before' events)")
     ap.add_argument("--drift-min-events", type=int, help="events before a decision (default: max(5, window / 4))")
     ap.add_argument("--drift-cooldown", type=float, default=60.0, help="seconds between published decisions")
-    ap.add_argument("--stale-share-threshold", type=float, default=1.0,
-                    help="stale-share signal threshold (1.0: never fires; fires strictly above)")
     ap.add_argument("--start-timeout", type=float, default=900.0)
     ap.add_argument("--retrain-timeout", type=float, default=6 * 3600.0)
     ap.add_argument("--swap-timeout", type=float, default=900.0)

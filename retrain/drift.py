@@ -1,6 +1,6 @@
 """Drift signals of the retrain loop: when has the stream moved far enough from what the student learned?
 
-Four signals, each fed one event at a time by the stream (O(1) or O(K) per update, single event loop, so
+Three kinds of signal, each fed one event at a time by the stream (O(1) or O(K) per update, single event loop, so
 no locking) and each compared with a :class:`DriftReference` taken when the serving student was distilled:
 
 ``hit_rate_drop``
@@ -13,11 +13,12 @@ no locking) and each compared with a :class:`DriftReference` taken when the serv
     :class:`RationaleCentroid`: 1 - cosine between the mean of recent unit rationale embeddings and the
     reference centroid. The rationales are what the recommendations are retrieved with, so a move here is a
     move of what the service believes users want.
-``stale_share``
-    :class:`StaleShare`: the share of recommendations served without a current rationale; high means the
-    student cannot keep up, which retraining a smaller or faster model may fix. Needs no reference.
 
-:class:`DriftMonitor` owns all of them; :meth:`DriftMonitor.decide` returns a :class:`DriftDecision` naming
+:class:`StaleShare` (the share of recommendations served without a current rationale) is *not* one of them:
+a backlog of rationale requests makes every user look stale at once, which says the student is behind
+(load), not that users moved; the worker reports it with its load figures and it never triggers a retrain.
+
+:class:`DriftMonitor` owns the drift signals; :meth:`DriftMonitor.decide` returns a :class:`DriftDecision` naming
 every signal over its threshold, or None. Deciding what to do about it (retrain, alert) is the caller's job.
 """
 
@@ -383,7 +384,6 @@ class DriftThresholds(BaseModel):
     genre_psi: float = Field(0.2, ge=0)
     genre_js: float = Field(0.1, ge=0, le=1)
     rationale_distance: float = Field(0.15, ge=0, le=2)
-    stale_share: float = Field(0.5, ge=0, le=1)
     min_events: int = Field(2000, ge=1)
     window_events: int = Field(5000, ge=1)
 
@@ -444,7 +444,7 @@ class DriftDecision(BaseModel):
         return [f.signal for f in self.fired]
 
 
-SIGNALS = ("hit_rate_drop", "genre_psi", "genre_js", "rationale_distance", "stale_share")
+SIGNALS = ("hit_rate_drop", "genre_psi", "genre_js", "rationale_distance")
 
 
 def _get(obj: Any, name: str, default: Any = None) -> Any:
@@ -467,7 +467,6 @@ class DriftMonitor:
         self.hit_rate = OnlineHitRate(window=n, max_users=max_users)
         self.genres = GenreDistribution(window=n)
         self.rationales = RationaleCentroid(window=n)
-        self.stale = StaleShare(window=n)
         self.events_seen = 0
         self.reference = DriftReference()
         self.reset_reference(reference or DriftReference(), clear=False)
@@ -490,7 +489,6 @@ class DriftMonitor:
         given, else ``rationale_model_version``: the student whose rationale the items were retrieved with."""
         version = _get(rec, "model_version") or _get(rec, "rationale_model_version")
         self.hit_rate.record_recommendation(str(_get(rec, "user_id")), _get(rec, "items") or (), version)
-        self.stale.add(bool(_get(rec, "rationale_current", False)))
 
     def on_rationale(self, embedding: Any) -> None:
         """The embedding of one newly written rationale."""
@@ -515,7 +513,6 @@ class DriftMonitor:
             "genre_psi": (psi(current, ref) if have_genres else None, len(self.genres)),
             "genre_js": (js_divergence(current, ref) if have_genres else None, len(self.genres)),
             "rationale_distance": (self.rationales.distance(), len(self.rationales)),
-            "stale_share": (self.stale.share(), len(self.stale)),
         }
 
     def signals(self) -> dict[str, float | None]:
@@ -560,7 +557,6 @@ class DriftMonitor:
             self.hit_rate.reset()
             self.genres = GenreDistribution(window=self.thresholds.window_events)
             self.rationales.clear()
-            self.stale.clear()
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-able state for /metrics/."""

@@ -62,10 +62,9 @@ def _bytes_topic(name: str, partitions: int | None = None) -> faust.TopicT:
 interactions_topic = _bytes_topic(settings.topic_interactions)
 recommendations_topic = _bytes_topic(settings.topic_recommendations)
 dead_letter_topic = _bytes_topic(settings.topic_dead_letter)
-rationale_requests_topic = _bytes_topic(settings.topic_rationale_requests)
 drift_topic = _bytes_topic(settings.topic_drift, partitions=1)  # written only; model-updates: agents/model_updates.py
 
-# user_id -> WindowState as a JSON dict. Co-partitioned with interactions and rationale requests.
+# user_id -> WindowState as a JSON dict. Co-partitioned with interactions.
 windows = app.Table(
     WINDOWS_TABLE, default=None, partitions=settings.topic_partitions,
     schema=faust.Schema(key_type=str, value_type=None, key_serializer="json", value_serializer="json"),

@@ -297,8 +297,9 @@ def up(
         asyncio.run(ensure_topics(settings))
         report = _index(settings, settings.dataset)
         console.print(f"catalogue {settings.dataset}: {report.total} items ({report.embedded} embedded now)")
+        # up replays MovieLens' 2000-2003 interactions: the worker must admit historical timestamps.
         env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-               "SLIMSTREAM_DATA_DIR": str(settings.data_dir)}
+               "SLIMSTREAM_DATA_DIR": str(settings.data_dir), "SLIMSTREAM_EVENT_TIME_MODE": "replay"}
         worker_log = open(logs / "worker.log", "ab")
         worker_proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env,
                                        stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -7,42 +7,62 @@ These are the public API of the service. JSON Schema files generated from them l
 from __future__ import annotations
 
 import base64
-import json
+import hashlib
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-NonEmptyId = Annotated[str, Field(min_length=1, max_length=512)]
+if TYPE_CHECKING:
+    from streams.settings import Settings
+
+# 9999-12-31T23:59:59Z: no datetime exists beyond it, so no later code can fail converting a timestamp.
+MAX_TIMESTAMP = 253_402_300_799.0
+
+
+def _printable_text(value: str) -> str:
+    """Ids are data that ends up in logs, prompts, URLs and JSON: non-blank, no control or format characters
+    (NUL, newlines, bidi overrides, zero-width joiners), nothing that reads differently from what it is."""
+    if not value.strip():
+        raise ValueError("must not be blank")
+    if not value.isprintable():
+        bad = next(c for c in value if not c.isprintable())
+        raise ValueError(f"must be printable text (found U+{ord(bad):04X})")
+    return value
+
+
+NonEmptyId = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(_printable_text)]
 
 
 class InteractionEvent(BaseModel):
     """One user-item interaction. Kafka key: ``user_id`` (UTF-8)."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    # allow_inf_nan=False: NaN and infinities serialise to JSON null, so they would publish invalid messages.
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
 
     user_id: NonEmptyId = Field(description="The dataset's own user id, e.g. '1m_1'.")
     item_id: NonEmptyId = Field(description="The dataset's own item id, e.g. 'Toy Story (1995)'.")
     event_type: Annotated[str, Field(min_length=1, max_length=32)] = Field(
         description="view, click, purchase, rating, ... (free-form, lower-case)."
     )
-    value: float | None = Field(None, description="Optional strength, e.g. the rating.")
-    timestamp: float = Field(ge=0, description="Epoch seconds of the interaction.")
-    event_id: Annotated[str, Field(max_length=256)] | None = Field(
+    value: float | None = Field(None, description="Optional strength, e.g. the rating (finite).")
+    timestamp: float = Field(ge=0, le=MAX_TIMESTAMP, description="Epoch seconds of the interaction (finite).")
+    event_id: Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_printable_text)] | None = Field(
         None, description="Optional; duplicates of the same event_id are applied once."
     )
 
     @field_validator("event_type")
     @classmethod
     def _lower(cls, v: str) -> str:
-        return v.strip().lower()
+        return _printable_text(v.strip().lower())
 
 
 class RecommendedItem(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     item_id: str
     score: float
@@ -57,7 +77,7 @@ class RecommendationPath(str, Enum):
 class Recommendation(BaseModel):
     """Refreshed recommendations for one user. Kafka key: ``user_id``."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, allow_inf_nan=False)
 
     user_id: str
     items: list[RecommendedItem]
@@ -71,13 +91,28 @@ class Recommendation(BaseModel):
     path: RecommendationPath
 
 
+DEAD_LETTER_MAX_RAW_BYTES = 65_536  # a dead letter carries values up to this size whole (base64: 87 KiB)
+DEAD_LETTER_MAX_KEY_BYTES = 1_024
+PREVIEW_BYTES = 200
+MAX_ERROR_CHARS = 1_000
+
+
 class DeadLetter(BaseModel):
-    """An input record the worker could not accept, with why. Kafka key: the original key."""
+    """An input record the worker could not accept, with why. Kafka key: the original key (a digest of it
+    when it is longer than 1 KiB).
+
+    A value too large to repeat (over ``max_raw_bytes``; a dead letter must itself fit the broker's message
+    size) comes without ``raw``: its preview, size and SHA-256 identify it, and ``source_topic``,
+    ``source_partition`` and ``source_offset`` say where the whole original still is.
+    """
 
     model_config = ConfigDict(frozen=True)
 
-    raw: str = Field(description="The original value, base64-encoded.")
-    raw_preview: str = Field(description="First 200 characters of the value decoded as UTF-8 (lossy).")
+    raw: str | None = Field(description="The original value, base64-encoded; null when raw_truncated.")
+    raw_preview: str = Field(description="First 200 bytes of the value decoded as UTF-8 (lossy).")
+    raw_size: int = Field(0, ge=0, description="Size of the original value in bytes.")
+    raw_sha256: str = Field("", description="SHA-256 (hex) of the original value.")
+    raw_truncated: bool = Field(False, description="True when the value was too large to carry in raw.")
     error: str
     source_topic: str
     source_partition: int
@@ -85,15 +120,27 @@ class DeadLetter(BaseModel):
     failed_at: float = Field(default_factory=time.time)
 
     @classmethod
-    def for_record(cls, value: bytes, error: str, topic: str, partition: int, offset: int) -> "DeadLetter":
+    def for_record(cls, value: bytes, error: str, topic: str, partition: int, offset: int,
+                   max_raw_bytes: int = DEAD_LETTER_MAX_RAW_BYTES) -> "DeadLetter":
+        truncated = len(value) > max_raw_bytes
         return cls(
-            raw=base64.b64encode(value).decode("ascii"),
-            raw_preview=value[:200].decode("utf-8", errors="replace"),
-            error=error,
+            raw=None if truncated else base64.b64encode(value).decode("ascii"),
+            raw_preview=value[:PREVIEW_BYTES].decode("utf-8", errors="replace"),
+            raw_size=len(value),
+            raw_sha256=hashlib.sha256(value).hexdigest(),
+            raw_truncated=truncated,
+            error=error if len(error) <= MAX_ERROR_CHARS else error[:MAX_ERROR_CHARS] + "...",
             source_topic=topic,
             source_partition=partition,
             source_offset=offset,
         )
+
+
+def dead_letter_key(key: bytes | None) -> bytes | None:
+    """The original key, or ``sha256:<hex>`` of it when it is too long to repeat."""
+    if key is None or len(key) <= DEAD_LETTER_MAX_KEY_BYTES:
+        return key
+    return b"sha256:" + hashlib.sha256(key).hexdigest().encode()
 
 
 class WindowItem(BaseModel):
@@ -146,22 +193,88 @@ class InvalidEvent(ValueError):
     """Raised by :func:`parse_event` with a reason fit for the dead-letter topic."""
 
 
-def parse_event(value: bytes | None, max_bytes: int) -> InteractionEvent:
-    """Decode and validate one Kafka value; raise :class:`InvalidEvent` saying why not."""
+TimeMode = Literal["live", "replay"]
+
+
+@dataclass(frozen=True)
+class EventLimits:
+    """What :func:`parse_event` admits besides the contract itself (``SLIMSTREAM_MAX_EVENT_BYTES`` and the
+    ``SLIMSTREAM_EVENT_*`` settings).
+
+    ``live``: a timestamp must lie within ``max_age_s`` before and ``max_future_s`` after the worker's clock (a
+    producer with a broken clock or unit, e.g. milliseconds, is caught at the door instead of skewing every
+    window's "newest event" for good). ``replay``: historical data (MovieLens' 2000-2003, a backfill): any
+    time from ``min_timestamp`` up to ``max_future_s`` after now.
+    """
+
+    max_bytes: int = 16_384
+    time_mode: TimeMode = "live"
+    max_age_s: float = 30 * 86_400.0
+    max_future_s: float = 300.0
+    min_timestamp: float = 0.0
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "EventLimits":
+        return cls(max_bytes=settings.max_event_bytes, time_mode=settings.event_time_mode,
+                   max_age_s=settings.event_max_age_s, max_future_s=settings.event_max_future_s,
+                   min_timestamp=settings.event_min_timestamp)
+
+    def time_error(self, timestamp: float, now: float) -> str | None:
+        """Why ``timestamp`` is not admitted at ``now``, or None."""
+        latest = now + self.max_future_s
+        if timestamp > latest:
+            return (f"timestamp {timestamp:.17g} is {timestamp - now:.0f} s in the future (more than "
+                    f"SLIMSTREAM_EVENT_MAX_FUTURE_S={self.max_future_s:g}; seconds since the epoch expected)")
+        if self.time_mode == "live" and timestamp < now - self.max_age_s:
+            return (f"timestamp {timestamp:.17g} is {now - timestamp:.0f} s old (more than "
+                    f"SLIMSTREAM_EVENT_MAX_AGE_S={self.max_age_s:g} in live mode; set "
+                    f"SLIMSTREAM_EVENT_TIME_MODE=replay for historical data)")
+        if self.time_mode == "replay" and timestamp < self.min_timestamp:
+            return f"timestamp {timestamp:.17g} is before SLIMSTREAM_EVENT_MIN_TIMESTAMP={self.min_timestamp:g}"
+        return None
+
+
+def parse_event(value: bytes | None, limits: EventLimits, now: float | None = None) -> InteractionEvent:
+    """Decode and validate one Kafka value; raise :class:`InvalidEvent` saying why not. Total: whatever the
+    bytes, the answer is an event or an :class:`InvalidEvent`.
+
+    The size is checked before anything is parsed. pydantic-core's JSON parser then reads the bytes as strict
+    UTF-8 (no UTF-16, no BOM), with a bounded nesting depth (deep nesting is an error, not a RecursionError),
+    and without NaN or Infinity; validation is strict (a string is not a number, ``true`` is not a
+    timestamp). ``limits`` as an int is the size limit with the default time window.
+    """
+    if isinstance(limits, int):
+        limits = EventLimits(max_bytes=limits)
     if value is None:
         raise InvalidEvent("empty value (tombstone)")
-    if len(value) > max_bytes:
-        raise InvalidEvent(f"payload too large: {len(value)} bytes > {max_bytes}")
+    if len(value) > limits.max_bytes:
+        raise InvalidEvent(f"payload too large: {len(value)} bytes > {limits.max_bytes}")
     try:
-        data = json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidEvent(f"malformed JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidEvent(f"expected a JSON object, got {type(data).__name__}")
-    try:
-        return InteractionEvent.model_validate(data, strict=False)
+        event = InteractionEvent.model_validate_json(value, strict=True)
     except ValidationError as exc:
-        raise InvalidEvent(f"invalid event: {describe_validation_error(exc)}") from None
+        raise InvalidEvent(_event_error(exc)) from None
+    problem = limits.time_error(event.timestamp, time.time() if now is None else now)
+    if problem is not None:
+        raise InvalidEvent(f"invalid event: {problem}")
+    return event
+
+
+def _event_error(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False)
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        return f"malformed JSON: {first.get('msg', exc)}"
+    if first.get("type") == "model_type" and not first.get("loc"):
+        return f"expected a JSON object, got {_json_type(first.get('input'))}"
+    return f"invalid event: {describe_validation_error(exc)}"
+
+
+def _json_type(value: Any) -> str:
+    for python, name in ((bool, "boolean"), (int, "number"), (float, "number"), (str, "string"),
+                         (list, "array"), (type(None), "null")):
+        if isinstance(value, python):
+            return name
+    return type(value).__name__
 
 
 def _drift_decision() -> type[BaseModel]:
@@ -180,6 +293,7 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
 
 __all__ = [
     "DeadLetter",
+    "EventLimits",
     "InteractionEvent",
     "InvalidEvent",
     "ModelUpdate",
@@ -189,5 +303,6 @@ __all__ = [
     "RecommendedItem",
     "SCHEMA_MODELS",
     "WindowItem",
+    "dead_letter_key",
     "parse_event",
 ]

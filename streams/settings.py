@@ -28,7 +28,6 @@ class Settings(BaseSettings):
     topic_interactions: str = "interactions"
     topic_recommendations: str = "recommendations"
     topic_dead_letter: str = "interactions.dlq"
-    topic_rationale_requests: str = "rationale-requests"
     topic_model_updates: str = Field("model-updates", description="ModelUpdate broadcasts (1 partition, key 'model').")
     topic_drift: str = Field("drift-decisions", description="DriftDecision events from the workers (1 partition).")
     topic_partitions: int = Field(4, ge=1, description="Partitions of every topic (Tansu auto-creates with 4).")
@@ -41,12 +40,25 @@ class Settings(BaseSettings):
     broker_session_timeout_s: float = 10.0
     broker_rebalance_timeout_s: float = 10.0
     broker_heartbeat_interval_s: float = 1.0
-    max_event_bytes: int = Field(16_384, ge=256, description="Larger interaction payloads are dead-lettered.")
+    max_event_bytes: int = Field(16_384, ge=256, le=1_000_000, description="Larger interaction payloads are dead-lettered.")
+    # Event time admitted at the door (streams.events.EventLimits). live: a window around the worker's clock;
+    # replay: historical data (MovieLens, a backfill) from event_min_timestamp up to now + event_max_future_s.
+    event_time_mode: Literal["live", "replay"] = Field(
+        "live", description="live (timestamps near now) or replay (historical timestamps admitted).")
+    event_max_age_s: float = Field(30 * 86_400.0, gt=0, description="live mode: oldest admitted event, seconds before now.")
+    event_max_future_s: float = Field(300.0, ge=0, description="Newest admitted event, seconds after now (clock skew).")
+    event_min_timestamp: float = Field(0.0, ge=0, description="replay mode: oldest admitted timestamp (epoch seconds).")
 
     # --- worker --------------------------------------------------------------------------------------------
     window_size: int = Field(20, ge=1, description="Items kept in each user's behaviour window.")
     recent_event_ids: int = Field(64, ge=0, description="event_ids remembered per user for de-duplication.")
     top_k: int = Field(10, ge=1, le=200, description="Items per recommendation.")
+    # The window agent applies events one by one and answers them in batches: one store round trip and one
+    # recommendation per user per batch (the newest window), offsets committed once the batch is answered.
+    fast_path_batch_max: int = Field(500, ge=1, description="Events answered together at most (one batch).")
+    fast_path_batch_wait_s: float = Field(0.005, ge=0, description="How long an event waits for its batch to fill.")
+    rationale_backlog_max: int = Field(
+        100_000, ge=1, description="Users waiting for a rationale at most; beyond it the oldest request is shed.")
     web_port: int = Field(6066, description="Faust web port (window lookups, health).")
     web_enabled: bool = True
     web_host: str = Field("127.0.0.1", description="Bind address of the Faust web server (0.0.0.0 in containers).")
@@ -86,7 +98,6 @@ class Settings(BaseSettings):
     drift_rationale_distance: float = Field(
         0.15, ge=0, le=2, description="1 - cosine between the recent and the reference rationale centroids."
     )
-    drift_stale_share: float = Field(0.5, ge=0, le=1, description="Share of recommendations without a current rationale.")
     # ML-1M replays are bursty (~30 distinct users per 2,000 consecutive events), so a smaller window or sample
     # lets a stable stream's genre PSI pass 0.2 (measured: up to 0.73 at 200 events, 0.25 at a full 2,000 window).
     drift_min_events: int = Field(2000, ge=1, description="No drift decision before this many events/samples.")

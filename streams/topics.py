@@ -2,8 +2,8 @@
 
 Creating them before the worker starts matters on Tansu, which auto-creates unknown topics with 4
 partitions: a changelog or source topic created that way may not match what the app expects, and
-co-partitioning (interactions, rationale requests and the windows changelog all keyed by user_id)
-needs equal partition counts.
+co-partitioning (interactions and the windows changelog, both keyed by user_id) needs equal partition
+counts.
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ def topic_specs(settings: Settings) -> list[TopicSpec]:
         TopicSpec(settings.topic_interactions, p, r, purpose="InteractionEvent in, key user_id"),
         TopicSpec(settings.topic_recommendations, p, r, purpose="Recommendation out, key user_id"),
         TopicSpec(settings.topic_dead_letter, p, r, purpose="DeadLetter: rejected input with reason"),
-        TopicSpec(settings.topic_rationale_requests, p, r, purpose="internal: coalesced rationale requests"),
         TopicSpec(settings.changelog_topic(WINDOWS_TABLE), p, r, compacted=True,
                   purpose="internal: behaviour-window table changelog"),
         # Broadcast, not partitioned work: every worker reads all of it without a consumer group, in order.

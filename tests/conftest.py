@@ -149,6 +149,7 @@ def worker_env(broker: EmbeddedBroker, data_dir: Path, qdrant_path: Path, **over
         "SLIMSTREAM_WEB_PORT": str(free_port()),
         "SLIMSTREAM_STUDENT_MAX_NEW_TOKENS": "64",
         "SLIMSTREAM_STUDENT_BATCH_WAIT_S": "0.3",
+        "SLIMSTREAM_EVENT_TIME_MODE": "replay",  # the tests replay MovieLens (2000-2003) and synthetic times
         "PYTHONUNBUFFERED": "1",
     })
     env.update(overrides)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from streams.events import SCHEMA_MODELS, InteractionEvent, InvalidEvent, parse_event
+from streams.events import SCHEMA_MODELS, EventLimits, InteractionEvent, InvalidEvent, parse_event
 from streams.window import apply_event, is_duplicate
 from models.rankers import blend_query, recent_items_vector
 
@@ -23,7 +23,7 @@ def ev(item: str, ts: float = 1.0, event_id: str | None = None) -> InteractionEv
 
 def test_parse_event_accepts_a_valid_event_and_normalises_type() -> None:
     e = parse_event(b'{"user_id":"1m_1","item_id":"Toy Story (1995)","event_type":"Rating","value":5,'
-                    b'"timestamp":978300760,"extra":"ignored"}', 10_000)
+                    b'"timestamp":978300760,"extra":"ignored"}', EventLimits(10_000, time_mode="replay"))
     assert (e.user_id, e.item_id, e.event_type, e.value) == ("1m_1", "Toy Story (1995)", "rating", 5.0)
 
 
@@ -38,13 +38,13 @@ def test_parse_event_accepts_a_valid_event_and_normalises_type() -> None:
 ])
 def test_parse_event_rejects_with_reason(raw: bytes, reason: str) -> None:
     with pytest.raises(InvalidEvent, match=None) as info:
-        parse_event(raw, 10_000)
+        parse_event(raw, EventLimits(10_000, time_mode="replay"))
     assert reason in str(info.value)
 
 
 def test_parse_event_rejects_oversized_payload_before_parsing() -> None:
     with pytest.raises(InvalidEvent, match="too large"):
-        parse_event(b"{" + b" " * 500 + b"}", 256)
+        parse_event(b"{" + b" " * 500 + b"}", EventLimits(256))
 
 
 def test_window_keeps_last_n_moves_repeats_and_counts_versions() -> None:

@@ -187,9 +187,11 @@ def test_promote_and_rollback_swap_the_student_without_a_restart(
         env = worker_env(broker, data_dir, indexed_qdrant,
                          SLIMSTREAM_REGISTRY_DIR=str(adapter_registry.root),
                          SLIMSTREAM_STUDENT_MAX_NEW_TOKENS="24",
-                         # drift: decide every second; stale fast-path answers make stale_share fire at once
+                         # drift: decide every second; any change of the genre mix after the lazy reference
+                         # (the first 10 events) fires genre_js
                          SLIMSTREAM_DRIFT_CHECK_EVERY_S="1", SLIMSTREAM_DRIFT_MIN_EVENTS="5",
-                         SLIMSTREAM_DRIFT_WINDOW_EVENTS="10", SLIMSTREAM_DRIFT_STALE_SHARE="0")
+                         SLIMSTREAM_DRIFT_WINDOW_EVENTS="10", SLIMSTREAM_DRIFT_GENRE_JS="0",
+                         SLIMSTREAM_DRIFT_RATIONALE_DISTANCE="2")
         worker = WorkerProcess(env, tmp_path / "worker.log").start()
         assert worker.get("/healthz/")["model_version"] == BASE
         feed = Feed(broker.bootstrap_servers, histories)
@@ -249,10 +251,10 @@ def test_promote_and_rollback_swap_the_student_without_a_restart(
 
         # drift: fed by the stream, one decision published (then the cool-down holds the rest back)
         drift = worker.metrics()["drift"]
-        assert drift["reference_source"] == "lazy" and drift["signals"]["stale_share"] is not None
+        assert drift["reference_source"] == "lazy" and drift["signals"]["genre_js"] is not None
         decisions = [DriftDecision.model_validate_json(r.value) for r in run(read_until(
             broker.bootstrap_servers, S.topic_drift, lambda rs: len(rs) >= 1, 30))]
-        assert decisions and "stale_share" in decisions[0].signals
+        assert decisions and "genre_js" in decisions[0].signals
         assert worker.metrics()["drift_decisions_published"] == 1
         assert worker.stop() == 0, worker.log_tail()
 

@@ -20,7 +20,7 @@ import pytest
 
 from streams.broker import EmbeddedBroker
 from streams.datasets import load_interactions
-from streams.events import InvalidEvent, parse_event
+from streams.events import EventLimits, InvalidEvent, parse_event
 from streams.settings import Settings
 from streams.topics import WINDOWS_TABLE
 from streams.window import WindowState, apply_event, is_duplicate
@@ -38,7 +38,7 @@ def expected_windows(bootstrap: str, n_events: int) -> dict[str, WindowState]:
     states: dict[str, WindowState] = {}
     for r in sorted(records, key=lambda r: (r.partition, r.offset)):
         try:
-            ev = parse_event(r.value, S.max_event_bytes)
+            ev = parse_event(r.value, EventLimits(S.max_event_bytes, time_mode="replay"))
         except InvalidEvent:
             continue
         state = states.get(ev.user_id)

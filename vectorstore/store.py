@@ -184,47 +184,63 @@ class VectorStore:
         extra hits fetched to make up for them, so a filter that did not apply can never leak a seen item.
         A zero query has no direction and returns no items.
         """
-        q = np.asarray(query, dtype=np.float32).reshape(-1)
-        if not np.all(np.isfinite(q)):
-            raise ValueError("search_items: query vector has NaN or infinite values")
-        if limit < 1 or not np.any(q):
-            return []
-        exclude = set(exclude_item_ids)
-        flt = None
-        if exclude and not self.local:
-            flt = models.Filter(must_not=[models.FieldCondition(key="item_id",
-                                                               match=models.MatchAny(any=sorted(exclude)))])
-        # Local mode evaluates payload filters point by point in Python (9-18x slower than the plain search on
-        # ML-1M, see benchmarks/), so there we fetch len(exclude) extra hits and drop them client-side.
-        extra = min(len(exclude), 64) if flt is not None else len(exclude)
-        hits = self.client.query_points(
-            self.items_collection,
-            query=q.tolist(),
-            query_filter=flt,
-            limit=limit + extra,
-            with_payload=["item_id", "title", "genres"],
-            with_vectors=False,
-        ).points
-        out: list[ScoredItem] = []
-        for h in hits:
-            p = h.payload or {}
-            item_id = p.get("item_id")
-            if item_id is None or item_id in exclude:
+        return self.search_items_batch([(query, exclude_item_ids)], limit)[0]
+
+    def search_items_batch(self, queries: Sequence[tuple[np.ndarray, Collection[str]]],
+                           limit: int) -> list[list[ScoredItem]]:
+        """:meth:`search_items` for many (query, excluded ids) at once: one Qdrant batch request (one round
+        trip to a server), the answers in the order of ``queries``."""
+        requests: list[models.QueryRequest] = []
+        slots: list[int | None] = []  # index into requests per query; None: no direction, no items
+        excludes: list[set[str]] = []
+        for query, exclude_item_ids in queries:
+            q = np.asarray(query, dtype=np.float32).reshape(-1)
+            if not np.all(np.isfinite(q)):
+                raise ValueError("search_items: query vector has NaN or infinite values")
+            exclude = set(exclude_item_ids)
+            excludes.append(exclude)
+            if limit < 1 or not np.any(q):
+                slots.append(None)
                 continue
-            out.append(ScoredItem(item_id=item_id, title=p.get("title", item_id), score=float(h.score),
-                                  genres=tuple(p.get("genres") or ())))
-            if len(out) == limit:
-                break
+            flt = None
+            if exclude and not self.local:
+                flt = models.Filter(must_not=[models.FieldCondition(key="item_id",
+                                                                   match=models.MatchAny(any=sorted(exclude)))])
+            # Local mode evaluates payload filters point by point in Python (9-18x slower than the plain search
+            # on ML-1M, see benchmarks/), so there we fetch len(exclude) extra hits and drop them client-side.
+            extra = min(len(exclude), 64) if flt is not None else len(exclude)
+            slots.append(len(requests))
+            requests.append(models.QueryRequest(query=q.tolist(), filter=flt, limit=limit + extra,
+                                                with_payload=["item_id", "title", "genres"], with_vector=False))
+        answers = self.client.query_batch_points(self.items_collection, requests=requests) if requests else []
+        out: list[list[ScoredItem]] = []
+        for slot, exclude in zip(slots, excludes):
+            out.append([] if slot is None else _scored(answers[slot].points, exclude, limit))
         return out
 
     # -- rationales ------------------------------------------------------------------------------------------
     def get_rationale(self, user_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         """(unit vector, payload) of the user's stored rationale, or None."""
-        recs = self.client.retrieve(self.rationales_collection, ids=[user_point_id(user_id)],
-                                    with_payload=True, with_vectors=True)
-        if not recs or recs[0].vector is None:
-            return None
-        return np.asarray(recs[0].vector, dtype=np.float32), dict(recs[0].payload or {})
+        return self.get_rationales([user_id]).get(user_id)
+
+    def get_rationales(self, user_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+        """user_id -> (unit vector, payload) of those ``user_ids`` that have a stored rationale."""
+        out: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
+        for rec in self._retrieve(self.rationales_collection, [user_point_id(u) for u in user_ids],
+                                  with_payload=True, with_vectors=True):
+            payload = dict(rec.payload or {})
+            if rec.vector is not None and "user_id" in payload:
+                out[payload["user_id"]] = (np.asarray(rec.vector, dtype=np.float32), payload)
+        return out
+
+    def rationale_keys(self, user_ids: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """user_id -> :func:`rationale_key` of the stored rationale, for those that have one (no vectors read)."""
+        return {
+            rec.payload["user_id"]: rationale_key(rec.payload)
+            for rec in self._retrieve(self.rationales_collection, [user_point_id(u) for u in user_ids],
+                                      with_payload=["user_id", "window_version", "window_epoch"], with_vectors=False)
+            if rec.payload and "user_id" in rec.payload
+        }
 
     def upsert_rationale(self, user_id: str, vector: np.ndarray, payload: dict[str, Any]) -> bool:
         """Store the user's rationale unless a newer one is already stored: newer by (``window_epoch``,
@@ -279,3 +295,17 @@ class VectorStore:
                 yield dict(rec.payload or {})
             if offset is None:
                 return
+
+
+def _scored(hits: Sequence[models.ScoredPoint], exclude: Collection[str], limit: int) -> list[ScoredItem]:
+    out: list[ScoredItem] = []
+    for h in hits:
+        p = h.payload or {}
+        item_id = p.get("item_id")
+        if item_id is None or item_id in exclude or not np.isfinite(h.score):
+            continue
+        out.append(ScoredItem(item_id=item_id, title=p.get("title", item_id), score=float(h.score),
+                              genres=tuple(p.get("genres") or ())))
+        if len(out) == limit:
+            break
+    return out
