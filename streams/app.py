@@ -6,6 +6,8 @@ in ``agents/`` import them and register themselves on import (``agents/__init__.
 
 from __future__ import annotations
 
+import functools
+
 import faust
 
 from streams.settings import Settings, get_settings
@@ -16,7 +18,26 @@ def broker_url(bootstrap_servers: str) -> str:
     return ";".join(f"kafka://{h.strip()}" for h in bootstrap_servers.split(",") if h.strip())
 
 
+def _set_fetch_max_wait(ms: int) -> None:
+    """Faust builds its aiokafka consumer with ``fetch_max_wait_ms=1500`` and no setting to change it; on
+    Tansu every caught-up event would wait most of that (see ``Settings.consumer_fetch_max_wait_ms``). Wrap the
+    one method that builds the consumer and set aiokafka's own attribute before the consumer starts."""
+    from faust.transport.drivers import aiokafka as driver
+
+    cls = driver.AIOKafkaConsumerThread
+    original = getattr(cls._create_worker_consumer, "__wrapped__", cls._create_worker_consumer)
+
+    @functools.wraps(original)
+    def create(self, transport):  # type: ignore[no-untyped-def]
+        consumer = original(self, transport)
+        consumer._fetch_max_wait_ms = ms  # read by AIOKafkaConsumer.start() when it builds its Fetcher
+        return consumer
+
+    cls._create_worker_consumer = create  # type: ignore[method-assign]
+
+
 def create_app(settings: Settings) -> faust.App:
+    _set_fetch_max_wait(settings.consumer_fetch_max_wait_ms)
     extra = {}
     if settings.one_record_per_batch:
         # aiokafka always admits the first record into a new batch, so a 1-byte limit means one record per
