@@ -140,7 +140,7 @@ ids = st.text(st.characters(codec="utf-8"), min_size=1, max_size=40)
 
 
 @settings(max_examples=400, deadline=None)
-@given(ids, ids, ids, st.floats(0, 2e9), st.none() | st.floats(-1e6, 1e6), st.none() | ids)
+@given(ids, ids, ids, st.floats(0, NOW), st.none() | st.floats(-1e6, 1e6), st.none() | ids)
 def test_valid_events_are_accepted_exactly_when_their_text_is_printable(
         user: str, item: str, etype: str, ts: float, value: float | None, event_id: str | None) -> None:
     body = {"user_id": user, "item_id": item, "event_type": etype, "timestamp": ts, "value": value,
