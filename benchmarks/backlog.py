@@ -51,29 +51,15 @@ def say(message: str) -> None:
 def backlog_records(n: int, hostile: int, seed: int = 0) -> tuple[list[tuple[bytes | None, bytes | None]], int]:
     """The first ``n`` ML-1M interactions in time order as (key, value), with ``hostile`` bad records spread
     evenly among them; returns the records and how many of them are valid."""
-    from streams.datasets import load_interactions
-    from streams.replay import interaction_to_event
+    from streams.replay import earliest_events
 
-    rows = sorted(load_interactions("ml-1m"), key=lambda i: (i.timestamp, i.user_id, i.item_id))[:n]
-    good = []
-    for it in rows:
-        ev = interaction_to_event(it.user_id, it.item_id, it.rating, it.timestamp)
-        good.append((ev.user_id.encode(), ev.model_dump_json(exclude_none=True).encode()))
+    good = [(ev.user_id.encode(), ev.model_dump_json(exclude_none=True).encode())
+            for ev in earliest_events("ml-1m", n)]
     if not hostile:
         return good, len(good)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from hostile import hostile_corpus  # tests/hostile.py: the corpus the tests use
+    from tests.hostile import hostile_corpus, interleave  # the corpus the tests use
 
-    bad = [(r.key, r.value) for r in hostile_corpus(hostile, seed=seed)]
-    merged: list[tuple[bytes | None, bytes | None]] = []
-    step = max(1, len(good) // max(1, len(bad)))
-    bi = 0
-    for k, rec in enumerate(good):
-        merged.append(rec)
-        if k % step == step - 1 and bi < len(bad):
-            merged.append(bad[bi])
-            bi += 1
-    merged.extend(bad[bi:])
+    merged = interleave(good, [(r.key, r.value) for r in hostile_corpus(hostile, seed=seed)])
     return merged, len(good)
 
 

@@ -26,6 +26,15 @@ def interaction_to_event(user_id: str, item_id: str, rating: float | None, times
     )
 
 
+def earliest_events(dataset: str, n: int) -> list[InteractionEvent]:
+    """The first ``n`` interactions of ``dataset`` in time order (ties by user, then item): a backlog as the
+    dataset's own history would have built it."""
+    from streams.datasets import load_interactions
+
+    rows = sorted(load_interactions(dataset), key=lambda i: (i.timestamp, i.user_id, i.item_id))[:n]
+    return [interaction_to_event(i.user_id, i.item_id, i.rating, i.timestamp) for i in rows]
+
+
 def sample_replay(dataset: str, users: int, max_events: int, seed: int) -> list[InteractionEvent]:
     """A seeded sample of ``users`` users of ``dataset``, each user's first ``max_events // users``
     interactions, merged in timestamp order (a plain prefix of the time-ordered sample would often be one

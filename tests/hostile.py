@@ -137,4 +137,18 @@ def hostile_corpus(n: int, seed: int = 0, users: int = 64) -> list[HostileRecord
     return out
 
 
-__all__ = ["KINDS", "HostileRecord", "hostile_corpus"]
+def interleave(good: list, bad: list) -> list:
+    """``bad`` spread evenly among ``good`` (order within each kept); what is left of ``bad`` goes last."""
+    step = max(1, len(good) // max(1, len(bad)))
+    out, rest = [], iter(bad)
+    for k, rec in enumerate(good):
+        out.append(rec)
+        if k % step == step - 1:
+            nxt = next(rest, None)
+            if nxt is not None:
+                out.append(nxt)
+    out.extend(rest)
+    return out
+
+
+__all__ = ["KINDS", "HostileRecord", "hostile_corpus", "interleave"]

@@ -10,6 +10,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.structs import ConsumerRecord, TopicPartition
 
+from streams.events import EventLimits, InvalidEvent, parse_event
+from streams.settings import Settings
+from streams.window import WindowState, apply_event, is_duplicate
+
 
 async def publish(bootstrap: str, topic: str, records: Sequence[tuple[bytes | None, bytes]], linger_ms: int = 20) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=linger_ms)
@@ -70,3 +74,25 @@ async def committed_offsets(bootstrap: str, group: str, topic: str, partitions: 
         return {tp.partition: meta.offset for tp, meta in answer.items()}
     finally:
         await admin.close()
+
+
+def expected_windows(bootstrap: str, n_records: int, settings: Settings | None = None) -> dict[str, WindowState]:
+    """Every user's window recomputed from the first ``n_records`` of the interactions topic with the worker's
+    own rules (validation in replay mode, de-duplication, window size), in the order the worker reads them.
+    Epochs are 0: the worker stamps its own clock on a new lineage."""
+    s = settings or Settings()
+    records = asyncio.run(read_until(bootstrap, s.topic_interactions, lambda r: len(r) >= n_records, 120))
+    assert len(records) == n_records, (len(records), n_records)
+    limits = EventLimits(s.max_event_bytes, time_mode="replay")
+    states: dict[str, WindowState] = {}
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        try:
+            ev = parse_event(r.value, limits)
+        except InvalidEvent:
+            continue
+        if r.key != ev.user_id.encode():
+            continue  # the worker re-publishes it under its user_id and applies that copy when it comes
+        state = states.get(ev.user_id)
+        if not is_duplicate(state, ev, r.partition, r.offset):
+            states[ev.user_id] = apply_event(state, ev, r.partition, r.offset, s.window_size, s.recent_event_ids)
+    return states

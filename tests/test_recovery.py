@@ -20,31 +20,15 @@ import pytest
 
 from streams.broker import EmbeddedBroker
 from streams.datasets import load_interactions
-from streams.events import EventLimits, InvalidEvent, parse_event
 from streams.settings import Settings
 from streams.topics import WINDOWS_TABLE
-from streams.window import WindowState, apply_event, is_duplicate
+from streams.window import WindowState
 from tests.conftest import WorkerProcess, run, worker_env
-from tests.kafka_io import committed_offsets, end_offsets, event, publish, read_until
+from tests.kafka_io import committed_offsets, end_offsets, event, expected_windows, publish, read_until
 
 pytestmark = pytest.mark.slow
 S = Settings()
 USERS, EVENTS_PER_USER, TAIL_EVENTS = 12, 15, 3
-
-
-def expected_windows(bootstrap: str, n_events: int) -> dict[str, WindowState]:
-    records = run(read_until(bootstrap, S.topic_interactions, lambda r: len(r) >= n_events, 60))
-    assert len(records) == n_events
-    states: dict[str, WindowState] = {}
-    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
-        try:
-            ev = parse_event(r.value, EventLimits(S.max_event_bytes, time_mode="replay"))
-        except InvalidEvent:
-            continue
-        state = states.get(ev.user_id)
-        if not is_duplicate(state, ev, r.partition, r.offset):
-            states[ev.user_id] = apply_event(state, ev, r.partition, r.offset, S.window_size, S.recent_event_ids)
-    return states
 
 
 def histories() -> dict[str, list]:
