@@ -127,22 +127,25 @@ async def _rationalise(states: list[WindowState]) -> None:
 
 
 async def _sweeper() -> None:
-    """Sweep once per consumer generation, after that generation's table recovery completed."""
-    swept: int | None = None
+    """Sweep once per assignment (consumer generation and owned partitions), after its table recovery
+    completed. Requests taken while a rebalance left this worker without partitions were dropped as not owned;
+    the sweep after it asks for them again."""
+    swept: tuple[int, frozenset[int]] | None = None
     while True:
         await asyncio.sleep(SWEEP_POLL_S)
-        generation = app.consumer_generation_id
-        if generation == swept or not app.tables.recovery.completed.is_set() or not owned_partitions():
+        owned = frozenset(owned_partitions())
+        assignment = (app.consumer_generation_id, owned)
+        if assignment == swept or not owned or not app.tables.recovery.completed.is_set():
             continue
-        swept = generation
+        swept = assignment
         try:
             asked = await sweep()
         except Exception:
             runtime.metrics["rationale_sweep_errors"] += 1
             log.exception("rationale sweep failed")
             continue
-        log.info("rationale sweep (generation %s): %d users without a current rationale asked again",
-                 generation, asked)
+        log.info("rationale sweep (generation %s, partitions %s): %d users without a current rationale asked again",
+                 assignment[0], sorted(owned), asked)
 
 
 async def sweep() -> int:

@@ -48,19 +48,16 @@ def say(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def backlog_records(n: int, hostile: int, seed: int = 0) -> tuple[list[tuple[bytes | None, bytes | None]], int]:
+def backlog_records(n: int, hostile: int, seed: int = 0) -> tuple[list[tuple[bytes | None, bytes | None]], int, int]:
     """The first ``n`` ML-1M interactions in time order as (key, value), with ``hostile`` bad records spread
-    evenly among them; returns the records and how many of them are valid."""
+    evenly among them; returns the records, how many of them are valid and their users."""
     from streams.replay import earliest_events
-
-    good = [(ev.user_id.encode(), ev.model_dump_json(exclude_none=True).encode())
-            for ev in earliest_events("ml-1m", n)]
-    if not hostile:
-        return good, len(good)
     from tests.hostile import hostile_corpus, interleave  # the corpus the tests use
 
-    merged = interleave(good, [(r.key, r.value) for r in hostile_corpus(hostile, seed=seed)])
-    return merged, len(good)
+    events = earliest_events("ml-1m", n)
+    good = [(ev.user_id.encode(), ev.model_dump_json(exclude_none=True).encode()) for ev in events]
+    merged = interleave(good, [(r.key, r.value) for r in hostile_corpus(hostile, seed=seed)]) if hostile else good
+    return merged, len(good), len({ev.user_id for ev in events})
 
 
 async def publish(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes | None]]) -> None:
@@ -182,7 +179,7 @@ async def fresh_latency(bootstrap: str, n: int, rate: float, tag: str, item_ids:
 def run_one(n: int, args: argparse.Namespace, data_dir: Path, template: Path, work: Path) -> dict[str, Any]:
     from streams.topics import ensure_topics
 
-    records, valid = backlog_records(n, args.hostile, args.seed)
+    records, valid, users = backlog_records(n, args.hostile, args.seed)
     qdrant = work / f"qdrant-{n}"
     shutil.copytree(template, qdrant)
     log_path = work / f"worker-{n}.log"
@@ -201,13 +198,15 @@ def run_one(n: int, args: argparse.Namespace, data_dir: Path, template: Path, wo
         base = f"http://127.0.0.1:{port}"
         try:
             started = time.monotonic()
-            first_applied = last = None
+            first_applied = last = student_ready = None
             samples = []
             while True:
                 if proc.poll() is not None:
                     raise RuntimeError(f"worker exited with {proc.returncode}; see {log_path}")
                 m = http_json(base + "/metrics/")
                 now = time.monotonic()
+                if student_ready is None and (http_json(base + "/healthz/") or {}).get("models_ready"):
+                    student_ready = now
                 if m is not None:
                     applied = m.get("events_applied", 0)
                     samples.append((now, applied, m["load"]["rationale_backlog"]["waiting_users"]))
@@ -228,6 +227,7 @@ def run_one(n: int, args: argparse.Namespace, data_dir: Path, template: Path, wo
             items = [i.item_id for i in load_items("ml-1m")[:200]]
             fresh = asyncio.run(fresh_latency(broker.bootstrap_servers, args.fresh, args.rate, str(n), items))
             after = http_json(base + "/metrics/") or {}
+            ended = time.monotonic()
         finally:
             stop_process(proc, 30)
     log_text = log_path.read_text(errors="replace")
@@ -235,7 +235,7 @@ def run_one(n: int, args: argparse.Namespace, data_dir: Path, template: Path, wo
     backlog = load.get("rationale_backlog", {})
     return {
         "records": len(records), "valid_events": valid, "hostile_records": len(records) - valid,
-        "users": len({k for k, _ in records[:valid]}),
+        "users": users,
         "consume_s": round(secs, 2), "records_per_s": round(len(records) / secs, 1),
         "events_applied": drained.get("events_applied", 0), "dead_letters": drained.get("dead_letters", 0),
         "handler_errors": drained.get("handler_errors", 0),
@@ -244,6 +244,10 @@ def run_one(n: int, args: argparse.Namespace, data_dir: Path, template: Path, wo
         "rationale_backlog_max": backlog.get("high_water"),
         "rationale_backlog_at_drain": backlog.get("waiting_users"),
         "rationales_written_during_backlog": drained.get("rationales_generated", 0),
+        "student_ready_after_start_s": None if student_ready is None else round(student_ready - started, 1),
+        "student_ready_before_drain_s": None if student_ready is None else round(last - student_ready, 1),
+        "rationales_written_by_end": after.get("rationales_generated", 0),
+        "seconds_start_to_end": round(ended - started, 1),
         "student_calls_per_1000_events": round(1000 * drained.get("student_calls", 0) / max(1, valid), 2),
         "fresh": fresh,
         "rationale_backlog_after_fresh": (after.get("load") or {}).get("rationale_backlog", {}).get("waiting_users"),

@@ -152,16 +152,6 @@ class WindowItem(BaseModel):
     timestamp: float
 
 
-class RationaleRequest(BaseModel):
-    """Internal: the window agent asks for a rationale of one window version. Kafka key: ``user_id``."""
-
-    model_config = ConfigDict(frozen=True)
-
-    user_id: str
-    window_version: int
-    requested_at: float = Field(default_factory=time.time)
-
-
 class ModelUpdate(BaseModel):
     """The registry's CURRENT student changed (``slimstream models promote`` / ``rollback``, or a retrain job).
 
@@ -297,7 +287,6 @@ __all__ = [
     "InteractionEvent",
     "InvalidEvent",
     "ModelUpdate",
-    "RationaleRequest",
     "Recommendation",
     "RecommendationPath",
     "RecommendedItem",
