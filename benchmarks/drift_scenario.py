@@ -580,7 +580,7 @@ async def run_scenario(args: argparse.Namespace, plans: list[UserPlan], env: dic
     # the worker
     t = time.monotonic()
     worker_log = logs / "worker.log"
-    worker = children.start("worker", [sys.executable, "-m", "streams.cli", "worker"], env=env, cwd=run_dir,
+    worker = children.start("worker", [sys.executable, "-m", "cli", "worker"], env=env, cwd=run_dir,
                             log=worker_log, stop_timeout=30)
     url = f"http://127.0.0.1:{env['SLIMSTREAM_WEB_PORT']}"
     say(f"worker started (pid {worker.pid}, log {worker_log}); waiting until it is ready (first start indexes the "
@@ -651,7 +651,7 @@ async def run_scenario(args: argparse.Namespace, plans: list[UserPlan], env: dic
         if result["status"] == "rejected" and args.force_promote:
             say(f"--force-promote: promoting {result['version']} although the gate rejected it")
             proc = await asyncio.to_thread(
-                subprocess.run, [sys.executable, "-m", "streams.cli", "models", "promote", result["version"],
+                subprocess.run, [sys.executable, "-m", "cli", "models", "promote", result["version"],
                                  "--reason", f"drift_scenario --force-promote (gate: {result['reason']})"],
                 cwd=run_dir, env=env, capture_output=True, text=True, timeout=120, check=False)
             if proc.returncode != 0:
@@ -930,7 +930,7 @@ def main(argv: list[str] | None = None) -> int:
             port = free_port()
             teacher_env = {**env, "SLIMSTREAM_DATA_DIR": str(cache_dir)}  # where the assembled teacher lives
             say(f"starting the teacher: {what}, llama.cpp, {args.teacher_threads} thread(s), port {port}")
-            teacher = children.start("teacher", [sys.executable, "-m", "streams.cli", "serve-teacher", *source,
+            teacher = children.start("teacher", [sys.executable, "-m", "cli", "serve-teacher", *source,
                                                  "--backend", "llamacpp", "--port", str(port),
                                                  "--threads", str(args.teacher_threads), "--max-queue", "64",
                                                  "--served-model-name", model, "--log-level", "warning"],

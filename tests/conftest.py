@@ -92,7 +92,7 @@ class WorkerProcess:
 
     def start(self, timeout: float = 240.0) -> "WorkerProcess":
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], cwd=ROOT, env=self.env,
+        self.proc = subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=ROOT, env=self.env,
                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_until(lambda h: h["models_ready"] and h["recovery_completed"] and h["assigned_partitions"] > 0,
                         timeout)

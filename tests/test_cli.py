@@ -23,7 +23,7 @@ S = Settings()
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -76,7 +76,7 @@ def test_up_runs_the_main_job_and_stops_by_itself(data_dir, indexed_qdrant) -> N
 
 @pytest.mark.slow
 def test_up_ctrl_c_leaves_no_process_behind(data_dir, indexed_qdrant) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "up", "--users", "2", "--rate", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "up", "--users", "2", "--rate", "1"],
                             cwd=ROOT, env=_up_env(data_dir, indexed_qdrant), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

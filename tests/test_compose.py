@@ -22,7 +22,7 @@ import typer
 import yaml
 
 from retrain.cycle import parse_duration
-from streams.cli import cli as typer_app
+from cli.main import cli as typer_app
 from streams.settings import Settings
 from tests.conftest import ROOT, run, worker_env
 from tests.test_cli import cli

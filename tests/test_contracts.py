@@ -97,7 +97,7 @@ def test_schema_files_match_the_models() -> None:
     ["models", "promote", "no-such-version"],
 ])
 def test_bad_cli_argument_is_one_line_and_exit_2(args: list[str]) -> None:
-    proc = subprocess.run([sys.executable, "-m", "streams.cli", *args], capture_output=True, text=True, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=60)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()

@@ -34,7 +34,7 @@ BASE = S.student_model_version
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -201,7 +201,7 @@ def test_promote_and_rollback_swap_the_student_without_a_restart(
         recs_by_user(broker.bootstrap_servers, all_explained(feed, users, BASE))
 
         # 2. promote through the CLI while events keep coming
-        promote = subprocess.Popen([sys.executable, "-m", "streams.cli", "models", "promote", "v0001"], cwd=ROOT,
+        promote = subprocess.Popen([sys.executable, "-m", "cli", "models", "promote", "v0001"], cwd=ROOT,
                                    env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 180
         rounds = 0

@@ -77,7 +77,7 @@ def test_serve_teacher_llamacpp_over_http(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSTREAM_")}
     srv = ServerProcess(
-        [sys.executable, "-m", "streams.cli", "serve-teacher", "--backend", "llamacpp", "--port", str(port),
+        [sys.executable, "-m", "cli", "serve-teacher", "--backend", "llamacpp", "--port", str(port),
          "--gguf", str(student_gguf_path(Settings())), "--served-model-name", "smol-llamacpp", "--threads", "1"],
         port, tmp_path / "server.log", env=env)
     try:

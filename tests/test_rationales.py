@@ -161,7 +161,7 @@ async def test_job_writes_best_samples_and_resumes(tmp_path: Path) -> None:
 
 def test_cli_refuses_bad_arguments() -> None:
     for args in (["--users", "0"], ["--samples", "0"], ["--temperature", "0"], ["--version", "../x"]):
-        proc = subprocess.run([sys.executable, "-m", "streams.cli", "teacher-rationales", *args], cwd=ROOT,
+        proc = subprocess.run([sys.executable, "-m", "cli", "teacher-rationales", *args], cwd=ROOT,
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, (args, proc.stderr)
         assert proc.stderr.startswith("slimstream: error:")
@@ -176,7 +176,7 @@ def teacher_server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", "teacher-rationales", "--data", "ml-100k",
+    return subprocess.run([sys.executable, "-m", "cli", "teacher-rationales", "--data", "ml-100k",
                            "--samples", "2", "--window-size", "5", "--targets", "2", "--max-tokens", "32", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
 
@@ -222,7 +222,7 @@ def test_sigterm_mid_run_leaves_meta_counts_that_match_the_file(teacher_server: 
     env.update({"SLIMSTREAM_DATA_DIR": str(data_dir), "SLIMSTREAM_TEACHER_URL": teacher_server.url + "/v1",
                 "SLIMSTREAM_TEACHER_MODEL": MODEL, "SLIMSTREAM_TEACHER_MAX_CONCURRENCY": "1"})
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "teacher-rationales", "--data", "ml-100k",
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "teacher-rationales", "--data", "ml-100k",
                              "--samples", "1", "--window-size", "5", "--targets", "2", "--max-tokens", "48",
                              "--users", "40", "--seed", "11", "--temperature", "1.3", "--out", str(out),
                              "--version", "killed"], cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -191,7 +191,7 @@ def test_durations() -> None:
 
 
 def _retrain_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "streams.cli", "retrain", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "cli", "retrain", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=120, env=env)
 
 

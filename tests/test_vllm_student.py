@@ -38,7 +38,7 @@ def exported(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("models") / "student"
     env = {**os.environ, "SLIMSTREAM_DATA_DIR": str(data_dir)}
     for attempt in range(2):
-        proc = subprocess.run([sys.executable, "-m", "streams.cli", "export-student", str(out), "--if-missing"],
+        proc = subprocess.run([sys.executable, "-m", "cli", "export-student", str(out), "--if-missing"],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr
         assert ("nothing to do" in " ".join(proc.stdout.split())) == (attempt == 1), proc.stdout

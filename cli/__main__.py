@@ -1,0 +1,5 @@
+"""``python -m cli``: the same as ``slimstream``."""
+
+from cli.main import main
+
+main()

@@ -1,0 +1,119 @@
+"""``slimstream up``: broker, topics, catalogue, worker and a replay on this machine, with the answers on screen."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections import Counter
+from typing import Annotated, Optional
+
+import typer
+
+from cli.base import cli, console, fail, progress_bar
+from cli.deploy import index_source
+from cli.events import show_recommendation
+from streams.settings import Settings, get_settings
+
+
+# --- up --------------------------------------------------------------------------------------------------
+@cli.command()
+def up(
+    users: Annotated[int, typer.Option(min=1, help="ML users whose history is replayed")] = 8,
+    rate: Annotated[float, typer.Option(min=0.1, help="events per second")] = 5.0,
+    max_events: Annotated[int, typer.Option(min=1, help="stop replaying after this many events")] = 400,
+    seed: Annotated[int, typer.Option(help="user sample seed")] = 7,
+    port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="broker port (default: a free one)")] = None,
+    follow: Annotated[bool, typer.Option(help="keep running after the replay's rationales arrived")] = False,
+    wait: Annotated[float, typer.Option(min=1, help="seconds to wait for the last rationales after the replay")] = 900,
+) -> None:
+    """Run everything on this machine: Tansu broker, Qdrant local mode, catalogue, worker, and a replay.
+
+    Stops by itself once every replayed user has a recommendation with a rationale for their final window
+    (or after --wait seconds), unless --follow is given; Ctrl-C stops everything at any time.
+    """
+    from streams.broker import EmbeddedBroker, stop_process
+
+    base = get_settings()
+    base.data_dir.mkdir(parents=True, exist_ok=True)
+    logs = base.data_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    broker = EmbeddedBroker(port=port, log_path=logs / "tansu.log")
+    worker_proc: subprocess.Popen[bytes] | None = None
+    try:
+        console.print(f"starting Tansu broker on {broker.host}:{broker.port} ...")
+        broker.start()
+        settings = base.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap_servers})
+        from streams.topics import ensure_topics
+
+        asyncio.run(ensure_topics(settings))
+        report = index_source(settings, settings.dataset)
+        console.print(f"catalogue {settings.dataset}: {report.total} items ({report.embedded} embedded now)")
+        # up replays MovieLens' 2000-2003 interactions: the worker must admit historical timestamps.
+        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+               "SLIMSTREAM_DATA_DIR": str(settings.data_dir), "SLIMSTREAM_EVENT_TIME_MODE": "replay"}
+        worker_log = open(logs / "worker.log", "ab")
+        worker_proc = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env,
+                                       stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
+        console.print(f"worker started (pid {worker_proc.pid}, log {logs / 'worker.log'}); Ctrl-C stops everything")
+        asyncio.run(_replay_and_show(settings, users, rate, max_events, seed, worker_proc, follow, wait))
+    except KeyboardInterrupt:
+        console.print("\nstopping ...")
+    finally:
+        if worker_proc is not None:
+            stop_process(worker_proc, 20.0)
+        broker.stop()
+        console.print("stopped: broker and worker are down")
+
+
+async def _replay_and_show(settings: Settings, users: int, rate: float, max_events: int, seed: int,
+                           worker_proc: subprocess.Popen[bytes], follow: bool, wait: float) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    from streams.events import Recommendation
+    from streams.replay import publish, sample_replay, start_producer
+
+    events = sample_replay(settings.dataset, users, max_events, seed)
+    final_version = dict(Counter(ev.user_id for ev in events))  # distinct events: window version = count
+    explained: set[str] = set()
+    consumer = AIOKafkaConsumer(settings.topic_recommendations, bootstrap_servers=settings.kafka_bootstrap_servers,
+                                auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    producer = await start_producer(settings)
+    stats = {"fast": 0, "slow": 0}
+    try:
+        with progress_bar() as progress:
+            sent_task = progress.add_task(f"replaying {users} users", total=len(events))
+            slow_task = progress.add_task("rationales (slow path)", total=None)
+
+            async def show() -> None:
+                async for msg in consumer:
+                    rec = Recommendation.model_validate_json(msg.value)
+                    stats[rec.path.value] += 1
+                    if rec.path.value == "slow":
+                        progress.update(slow_task, advance=1)
+                        if rec.rationale_window_version == final_version.get(rec.user_id):
+                            explained.add(rec.user_id)
+                    show_recommendation(rec, progress.console)
+
+            shower = asyncio.create_task(show())
+            await publish(producer, settings.topic_interactions, events, rate,
+                          on_sent=lambda ev: progress.update(sent_task, advance=1))
+            progress.update(sent_task, description="replay done; waiting for rationales")
+            deadline = asyncio.get_running_loop().time() + wait
+            while worker_proc.poll() is None and not shower.done():
+                if not follow and (explained >= set(final_version) or asyncio.get_running_loop().time() > deadline):
+                    break
+                await asyncio.sleep(0.5)
+            shower.cancel()
+            if worker_proc.poll() is not None:
+                fail(f"worker exited with code {worker_proc.returncode}; see {settings.data_dir / 'logs/worker.log'}")
+        console.print(f"{len(events)} events from {len(final_version)} users -> {stats['fast']} fast-path and "
+                      f"{stats['slow']} slow-path recommendations; {len(explained)}/{len(final_version)} users "
+                      "have a rationale for their final window")
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
