@@ -1,5 +1,5 @@
 """Drift check: every ``drift_check_every_s`` seconds ask this worker's DriftMonitor to decide; a decision
-goes to the ``drift-decisions`` topic (JSON :class:`retrain.drift.DriftDecision`, key ``<host>:<pid>``) and to
+goes to the ``drift-decisions`` topic (JSON :class:`streams.drift.DriftDecision`, key ``<host>:<pid>``) and to
 the log, at most once per ``drift_cooldown_s``. Deciding what to do about it (retrain) is a consumer's job.
 
 The monitor is fed by the agents (``runtime.observe_event`` in the window agent, ``on_recommendation`` where a

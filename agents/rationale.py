@@ -23,7 +23,7 @@ from agents.recommend import build_recommendations
 from agents.runtime import DeadlineExceeded
 from agents.state import owned_partitions, runtime
 from models.prompts import PromptItem, build_slim_messages
-from models.student import StudentError, postprocess_rationale
+from models.student_base import StudentError, postprocess_rationale
 from streams.app import app, recommendations_topic, windows
 from streams.events import RecommendationPath
 from streams.window import WindowState

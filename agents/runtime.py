@@ -13,7 +13,7 @@ replaced in one assignment on the loop. Every batch takes the student it runs on
 (:meth:`Runtime.generate` is given it), so a batch in flight finishes on the old student and reports the
 old version; the next batch runs on the new one.
 
-Drift (:attr:`Runtime.drift`): one :class:`retrain.drift.DriftMonitor` per worker, fed by the agents on the
+Drift (:attr:`Runtime.drift`): one :class:`streams.drift.DriftMonitor` per worker, fed by the agents on the
 loop (O(1) per event). Its reference is ``<registry>/<CURRENT>/drift_reference.json`` when the serving
 version has one; otherwise the genre reference is taken from the first ``drift_window_events`` events this
 worker sees (after a swap without a reference file, from the first window after the swap) and kept.
@@ -33,13 +33,13 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import numpy as np
 
 from agents.backlog import RationaleBacklog
-from retrain.drift import DriftMonitor, DriftReference, StaleShare
-from retrain.registry import ModelRegistry
+from streams.drift import DriftMonitor, DriftReference, StaleShare
+from streams.registry import ModelRegistry
 from streams.settings import Settings
 
 if TYPE_CHECKING:
     from models.encoder import TextEncoder
-    from models.student import StudentBackend
+    from models.student_base import StudentBackend
     from vectorstore.store import VectorStore
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ class Runtime:
     def _load_version(self, version: str | None) -> tuple["StudentBackend", DriftReference | None]:
         """Blocking: build the student for a registry version (``None``: the base one) and read its drift
         reference if it has one."""
-        from models.student import load_student
+        from models.student_factory import load_student
 
         if version is None:
             student = load_student(self.settings)
@@ -231,7 +231,7 @@ class Runtime:
 
     def load_snapshot(self) -> dict[str, Any]:
         """How far behind the student is: the rationale backlog, and the share of recent answers that went out
-        without a rationale for the user's current window. Load, not drift (see retrain/drift.py)."""
+        without a rationale for the user's current window. Load, not drift (see streams/drift.py)."""
         return {
             "rationale_backlog": self.backlog.snapshot(),
             "stale_share": self.stale.share(),

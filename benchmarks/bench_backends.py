@@ -110,7 +110,7 @@ def main() -> None:
 def _bench_vllm(args: argparse.Namespace, base: dict, prompts: list, data: Path, results: dict) -> list[str]:
     from models.openai_student import OpenAIStudent
     from models.student import export_base_model
-    from retrain.registry import ModelRegistry
+    from streams.registry import ModelRegistry
     from streams.broker import free_port
 
     settings = Settings(**base)

@@ -120,7 +120,7 @@ def build_plans(users: int, before: int, shift: int, after: int, seed: int, genr
                 genres_per_user: int, min_shift_share: float = 0.5) -> list[UserPlan]:
     """Per user: the first ``before`` real events, then ``shift + after`` seeded shifted events: unseen items at
     least ``min_shift_share`` of whose genres are the user's shift genres."""
-    from retrain.drift import GenreDistribution
+    from streams.drift import GenreDistribution
     from streams.datasets import load_interactions, load_items, sample_users
     from streams.replay import interaction_to_event
 
@@ -261,7 +261,7 @@ def teacher_source(choice: str, cache_dir: Path) -> tuple[list[str], str, str]:
         w = VARIANTS[choice]
         return ["--teacher", choice], w.model_id, f"embedded {w.model_id} ({w.file_name})"
     if choice == "smollm2":
-        from models.student import student_gguf_path
+        from models.student_base import student_gguf_path
 
         gguf = student_gguf_path()
         return ["--gguf", str(gguf)], gguf.stem, f"SmolLM2 GGUF {gguf.name} (the student's base; a weak teacher)"
@@ -435,8 +435,8 @@ class Scenario:
 
 def retrain_child(spec_path: str) -> None:
     from retrain.cycle import default_publisher, retrain_once
-    from retrain.drift import DriftDecision
-    from retrain.registry import ModelRegistry
+    from streams.drift import DriftDecision
+    from streams.registry import ModelRegistry
     from streams.settings import get_settings
 
     spec = json.loads(Path(spec_path).read_text())

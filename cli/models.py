@@ -82,7 +82,7 @@ cli.add_typer(models_cli, name="models")
 
 
 def open_registry(path: Optional[Path]):  # type: ignore[no-untyped-def]
-    from retrain.registry import ModelRegistry
+    from streams.registry import ModelRegistry
 
     return ModelRegistry(path) if path is not None else ModelRegistry.for_settings(get_settings())
 

@@ -3,7 +3,7 @@
 llama.cpp runs the quantized GGUF directly (no de-quantization), about 6x the tokens/s of transformers on
 these CPUs, which is what makes a teacher run or a student evaluation over hundreds of users fit a session.
 
-* :class:`LlamaCppStudent` — the student (:class:`models.student.StudentBackend`), greedy, one rationale per
+* :class:`LlamaCppStudent` — the student (:class:`models.student_base.StudentBackend`), greedy, one rationale per
   prompt; for a distilled student the LoRA adapter is merged and exported to GGUF first
   (:func:`export_student_gguf`: float32 export, then llama.cpp's quantizer), since the adapter is in PEFT
   format.
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from models.serving.backend import END_OF_TURN, Generation
-from models.student import adapter_digest, adapter_name, postprocess_rationale, student_gguf_path
+from models.student_base import adapter_digest, adapter_name, postprocess_rationale, student_gguf_path
 from streams.settings import Settings, get_settings
 
 if TYPE_CHECKING:

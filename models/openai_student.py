@@ -6,7 +6,7 @@ the server loads at run time (vLLM: ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_L
 is therefore one small HTTP call and no weights move through the worker: :class:`OpenAIStudent` for a version
 makes sure the server has the adapter, checks ``/v1/models`` lists it, and sends its requests to it.
 
-- The adapter's name on the server is ``<version>-<digest[:12]>`` (:func:`models.student.adapter_digest`): a
+- The adapter's name on the server is ``<version>-<digest[:12]>`` (:func:`models.student_base.adapter_digest`): a
   registry rebuilt with different weights under the same version name can never be answered by the stale
   adapter a long-running server still holds under the old name.
 - Several workers share one server: "already loaded" counts as success, and adapters are never unloaded here
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from models.student import StudentError, adapter_digest, adapter_name, postprocess_rationale
+from models.student_base import StudentError, adapter_digest, adapter_name, postprocess_rationale
 from models.teacher import TeacherClient, TeacherConfig, TeacherError, TeacherRequestError, api_headers
 from streams.settings import Settings, get_settings
 
@@ -83,7 +83,7 @@ class OpenAIStudent:
     def server_path(self, adapter_dir: Path) -> str:
         """``adapter_dir`` as the server sees it: re-rooted under ``student_lora_root`` when it lies in the
         local registry, else unchanged."""
-        from retrain.registry import ModelRegistry
+        from streams.registry import ModelRegistry
 
         root = self.settings.student_lora_root
         if not root:

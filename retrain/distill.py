@@ -10,7 +10,7 @@ The base model is the de-quantized float32 SmolLM2 loaded through the same GGUF 
 :class:`~models.student.TransformersStudent`; peft wraps it with LoRA; a plain PyTorch loop trains it on CPU
 (AdamW, gradient accumulation, clipping, linear or constant schedule). A seeded validation split (held out
 by user) gives the validation NLL before and after. The adapter is published to the
-:class:`~retrain.registry.ModelRegistry` as a new version with a ``manifest.json``; ``resume_from``
+:class:`~streams.registry.ModelRegistry` as a new version with a ``manifest.json``; ``resume_from``
 continues training an existing adapter (its version becomes the new one's parent).
 """
 
@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from retrain.dataset import RationaleRecord, read_records
-from retrain.registry import ADAPTER, MANIFEST, MANIFEST_FORMAT, ModelRegistry, utc_now, validate_version
+from streams.registry import ADAPTER, MANIFEST, MANIFEST_FORMAT, ModelRegistry, utc_now, validate_version
 from streams.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -222,7 +222,7 @@ def _gguf_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 
 def base_model_info(settings: Settings) -> dict[str, Any]:
-    from models.student import student_gguf_path
+    from models.student_base import student_gguf_path
 
     gguf = student_gguf_path(settings)
     st = gguf.stat()

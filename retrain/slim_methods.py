@@ -38,14 +38,14 @@ def _item_prompts(ctx: EvalContext) -> list[PromptItem]:
 
 
 def _student_generator(ctx: EvalContext, distilled: bool) -> tuple[Generate, str, str]:
-    from models.student import load_student
+    from models.student_factory import load_student
 
     settings = ctx.settings
     kwargs: dict[str, Any] = {}
     if distilled:
         adapter = ctx.adapter_dir
         if adapter is None:
-            from retrain.registry import ModelRegistry
+            from streams.registry import ModelRegistry
 
             adapter = ModelRegistry.for_settings(settings).current_adapter_dir()
             if adapter is None:
@@ -57,7 +57,7 @@ def _student_generator(ctx: EvalContext, distilled: bool) -> tuple[Generate, str
     gen_id = (f"student-{settings.student_backend}-{student.model_version}-"
               f"{settings.student_max_new_tokens}t")
     if distilled:  # the adapter's content, not only its name, identifies the generator
-        from models.student import adapter_digest
+        from models.student_base import adapter_digest
 
         gen_id += "-" + adapter_digest(kwargs["adapter_dir"])[:10]
     label = f"SLIM ID-agnostic, {'distilled' if distilled else 'base'} student ({student.model_version})"
@@ -65,7 +65,7 @@ def _student_generator(ctx: EvalContext, distilled: bool) -> tuple[Generate, str
 
 
 def _teacher_generator(ctx: EvalContext) -> tuple[Generate, str, str]:
-    from models.student import postprocess_rationale
+    from models.student_base import postprocess_rationale
     from models.teacher import TeacherClient, TeacherConfig
 
     cfg = TeacherConfig.from_settings(ctx.settings)

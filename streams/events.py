@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from streams.drift import DriftDecision  # the drift topic's contract lives with the drift signals
+
 if TYPE_CHECKING:
     from streams.settings import Settings
 
@@ -267,18 +269,12 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
-def _drift_decision() -> type[BaseModel]:
-    from retrain.drift import DriftDecision  # the drift topic's contract lives with the drift monitor
-
-    return DriftDecision
-
-
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "InteractionEvent": InteractionEvent,
     "Recommendation": Recommendation,
     "DeadLetter": DeadLetter,
     "ModelUpdate": ModelUpdate,
-    "DriftDecision": _drift_decision(),
+    "DriftDecision": DriftDecision,
 }
 
 __all__ = [

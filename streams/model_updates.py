@@ -1,6 +1,6 @@
 """Announce a registry change (promote / rollback) to the workers: one :class:`ModelUpdate` on ``model-updates``.
 
-The registry (``retrain/registry.py``) stays the source of truth: a worker loads its CURRENT at start; the
+The registry (``streams/registry.py``) stays the source of truth: a worker loads its CURRENT at start; the
 update only tells running workers to swap now (``agents/model_updates.py``). So the order is always: change the
 registry, then publish. If publishing fails the change stands, and the next worker start picks it up;
 ``slimstream models publish`` re-announces the current state.
@@ -15,7 +15,7 @@ from streams.events import ModelUpdate
 from streams.settings import Settings
 
 if TYPE_CHECKING:
-    from retrain.registry import ModelRegistry
+    from streams.registry import ModelRegistry
 
 MODEL_UPDATE_KEY = b"model"  # one key, one partition: updates are read in the order they were published
 

@@ -93,7 +93,7 @@ class Settings(BaseSettings):
     registry_dir: Path | None = Field(None, description="Registry of distilled student adapters; default <data_dir>/registry.")
     prompt_max_items: int = Field(20, ge=1, description="Window items shown to the LLM.")
 
-    # --- drift (retrain/drift.py): a signal fires when its value is strictly above its threshold -------------
+    # --- drift (streams/drift.py): a signal fires when its value is strictly above its threshold -------------
     drift_hit_rate_drop: float = Field(
         0.3, ge=0, description="Relative drop of the serving version's online hit rate below its reference value."
     )

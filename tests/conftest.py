@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from retrain.registry import MANIFEST_FORMAT, ModelRegistry
+from streams.registry import MANIFEST_FORMAT, ModelRegistry
 from streams.broker import EmbeddedBroker, free_port
 from streams.settings import Settings
 
@@ -200,7 +200,7 @@ class ServerProcess:
     def teacher(cls, data_dir: Path, log_path: Path, *extra: str) -> "ServerProcess":
         """``models.serving.api_server`` on the packaged SmolLM2 GGUF, served as :data:`TEACHER_MODEL`: one
         generation at a time and no queue, so a second concurrent request is a 503."""
-        from models.student import default_model_dir
+        from models.student_base import default_model_dir
 
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSTREAM_")}

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from models.prompts import PROMPT_VERSION, PromptItem, build_slim_messages
+from models.student import TransformersStudent
 from retrain.dataset import RationaleRecord, write_records
-from retrain.registry import ModelRegistry
+from streams.registry import ModelRegistry
 from streams.settings import Settings
 
 N_RECORDS = 12
@@ -188,7 +189,7 @@ def test_adapter_serves_through_the_student(distilled, base, settings: Settings,
 
     tokenizer, base_model = base
     registry.promote(distilled.version)
-    student = registry.load_student(settings)  # TransformersStudent(settings, adapter_dir=<current>)
+    student = TransformersStudent(settings, adapter_dir=registry.adapter_dir(registry.current()))
     assert student.model_version == f"{settings.student_model_version}+v0001" == distilled.model_version
     train_record = next(r for r in read_records(records_path)
                         if r.user_id not in {u for u in _val_users(distilled)})
@@ -284,7 +285,7 @@ def test_registry_refuses_bad_or_taken_names(tmp_path: Path) -> None:
 
 
 def test_adapter_name_uses_the_registry_version(tmp_path: Path) -> None:
-    from models.student import adapter_name
+    from models.student_base import adapter_name
 
     reg = ModelRegistry(tmp_path)
     version = _fake_version(reg)

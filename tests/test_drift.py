@@ -1,4 +1,4 @@
-"""Drift signals of the retrain loop (retrain/drift.py): hand-computed distances, the online hit rate, and
+"""Drift signals of the retrain loop (streams/drift.py): hand-computed distances, the online hit rate, and
 genre drift on time-ordered MovieLens-1M replays."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from retrain.drift import (
+from streams.drift import (
     DriftDecision,
     DriftMonitor,
     DriftReference,

@@ -16,7 +16,8 @@ import pytest
 pytest.importorskip("llama_cpp", reason="the slimstream[llamacpp] extra is not installed")
 
 from models.llamacpp import LlamaCppChatBackend, LlamaCppStudent, export_student_gguf, write_gguf_like  # noqa: E402
-from models.student import load_base_model, student_gguf_path  # noqa: E402
+from models.student_base import student_gguf_path  # noqa: E402
+from models.student import load_base_model
 from streams.settings import Settings  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
 
@@ -58,7 +59,7 @@ def test_stop_string_and_cancellation(chat: LlamaCppChatBackend) -> None:
 
 def test_student_backend_writes_rationales() -> None:
     from models.prompts import PromptItem, build_slim_messages
-    from models.student import load_student
+    from models.student_factory import load_student
 
     settings = Settings(student_backend="llamacpp", student_max_new_tokens=40, student_threads=1)
     student = load_student(settings)

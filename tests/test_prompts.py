@@ -115,7 +115,7 @@ def test_injected_title_cannot_open_a_chat_turn() -> None:
     """Rendered through SmolLM2's real chat template, the prompt has exactly system + user + generation turn."""
     from transformers import AutoTokenizer
 
-    from models.student import default_model_dir
+    from models.student_base import default_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(str(default_model_dir()), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
     items = [

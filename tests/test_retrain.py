@@ -36,9 +36,9 @@ from retrain.cycle import (
     split_heldout,
     user_sequences,
 )
-from retrain.drift import DriftDecision, FiredSignal
+from streams.drift import DriftDecision, FiredSignal
 from retrain.gate import GateDecision, gate
-from retrain.registry import ModelRegistry
+from streams.registry import ModelRegistry
 from streams.broker import EmbeddedBroker
 from streams.datasets import Item, load_interactions
 from streams.settings import Settings
@@ -408,7 +408,7 @@ def test_a_cycle_publishes_and_promotes_a_version_with_its_provenance(world: Wor
     assert ref["model_version"].endswith("+v0001") and ref["genres"]["proportions"] and ref["rationale_centroid"]
     assert 0 < ref["rationale_samples"] <= len(r.heldout_users)  # one candidate rationale per held-out user
     # The genre reference is the stream the cycle read (every event of the batch), not just its training windows.
-    from retrain.drift import GenreDistribution
+    from streams.drift import GenreDistribution
     from streams.datasets import load_items
 
     expected = GenreDistribution.from_items([x.item_id for x in world.batches[0]], load_items("ml-100k"))

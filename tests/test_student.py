@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from models.prompts import PromptItem, build_slim_messages
-from models.student import StudentBackend, TransformersStudent, load_student, postprocess_rationale
+from models.student_base import StudentBackend, postprocess_rationale
+from models.student_factory import load_student
+from models.student import TransformersStudent
 from streams.settings import Settings
 
 ANIMATION = [

@@ -22,8 +22,9 @@ import pytest
 
 from models.openai_student import LoraAdapterError, OpenAIStudent, local_vllm_server
 from models.prompts import PromptItem, build_slim_messages
-from models.student import StudentError, TransformersStudent
-from retrain.registry import ModelRegistry
+from models.student_base import StudentError
+from models.student import TransformersStudent
+from streams.registry import ModelRegistry
 from streams.broker import EmbeddedBroker, free_port
 from streams.settings import Settings
 from tests.conftest import ROOT, ServerProcess, WorkerProcess, random_adapter_registry, worker_env

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from retrain.registry import utc_now, write_text_atomic
+from streams.registry import utc_now, write_text_atomic
 
 if TYPE_CHECKING:
     from streams.datasets import Item

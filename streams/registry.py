@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 if TYPE_CHECKING:
-    from models.student import TransformersStudent
     from streams.settings import Settings
 
 MANIFEST = "manifest.json"
@@ -238,20 +237,6 @@ class ModelRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.root / ".lock"), timeout=60):
             yield
-
-    # -- serving -----------------------------------------------------------------------------------------
-
-    def load_student(self, settings: Settings, version: str | None = None) -> TransformersStudent:
-        """``TransformersStudent`` for ``version`` (default: the current one; the base model when none is
-        current). Its ``model_version`` is ``<base>+<version>``."""
-        from models.student import TransformersStudent
-
-        version = version if version is not None else self.current()
-        if version is None:
-            return TransformersStudent(settings)
-        if not self.exists(version):
-            raise KeyError(f"no model version {version!r} in {self.root}")
-        return TransformersStudent(settings, adapter_dir=self.adapter_dir(version))
 
 
 __all__ = [

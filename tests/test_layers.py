@@ -1,0 +1,131 @@
+"""The structure stays: imports only go down the layers, and no module imports itself through others.
+
+Layers, bottom to top (``docs``: README "Code layout"):
+
+0. ``streams``      contracts, settings, topics, the Faust app, the model registry, drift signals
+1. ``vectorstore``, ``models``   (vectorstore may use models' encoder; models never the vector store)
+2. ``agents`` (the worker), ``retrain`` (the retrain job and, for now, the evaluation harness): never each other
+3. ``cli``          the command line, on top of everything
+
+Every import counts, at module level or inside a function; only those under ``if TYPE_CHECKING:`` are
+ignored (they never run). :data:`KNOWN_UPWARD` lists the upward imports that are still there, to be removed by
+moving the evaluation harness (splits, metrics) out of ``retrain/``; a new upward import fails this test, and
+so does a listed one that is gone (take it off the list).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"streams": 0, "vectorstore": 1, "models": 1, "agents": 2, "retrain": 2, "cli": 3}
+SAME_LAYER_ALLOWED = {("vectorstore", "models")}
+KNOWN_UPWARD = {
+    ("models.baselines", "retrain.splits"),
+    ("models.fusion", "retrain"),
+    ("models.fusion", "retrain.metrics"),
+    ("models.sasrec", "retrain.metrics"),
+    ("models.sasrec", "retrain.splits"),
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped.update(id(n) for stmt in node.body for n in ast.walk(stmt))
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skipped:
+            continue
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from pkg import module`
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+    return {name for name in found if name.split(".")[0] in PACKAGES}
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph: dict[str, set[str]] = defaultdict(set)
+    for mod, path in modules.items():
+        for name in _imports(path):
+            while name not in modules and "." in name:
+                name = name.rsplit(".", 1)[0]  # an attribute of a module, not a module
+            if name in modules and name != mod:
+                graph[mod].add(name)
+    return graph
+
+
+def _upward(source: str, target: str) -> bool:
+    a, b = source.split(".")[0], target.split(".")[0]
+    if a == b:
+        return False
+    if PACKAGES[b] < PACKAGES[a]:
+        return False
+    return not (PACKAGES[b] == PACKAGES[a] and (a, b) in SAME_LAYER_ALLOWED)
+
+
+def test_imports_only_go_down_the_layers() -> None:
+    upward = {(m, t) for m, targets in _graph().items() for t in targets if _upward(m, t)}
+    new = upward - KNOWN_UPWARD
+    assert not new, f"imports going up or sideways between layers: {sorted(new)}"
+    gone = KNOWN_UPWARD - upward
+    assert not gone, f"no longer imported, take them off KNOWN_UPWARD: {sorted(gone)}"
+
+
+def test_no_module_imports_itself_through_others() -> None:
+    graph = _graph()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+
+    def visit(v: str) -> None:  # Tarjan's strongly connected components
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                cycles.append(sorted(comp))
+
+    for v in sorted(_modules()):
+        if v not in index:
+            visit(v)
+    assert not cycles, f"import cycles: {cycles}"
+
+
+def test_the_checker_sees_imports_inside_functions_but_not_type_checking_ones(tmp_path) -> None:
+    src = tmp_path / "m.py"
+    src.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from cli.base import cli\n"
+                   "def f():\n    from retrain import cycle\n    import agents.web\n")
+    assert _imports(src) == {"retrain", "retrain.cycle", "agents.web"}
