@@ -21,6 +21,7 @@ COPY streams streams
 COPY agents agents
 COPY models models
 COPY vectorstore vectorstore
+COPY evaluation evaluation
 COPY retrain retrain
 COPY cli cli
 # GGML_NATIVE=OFF: a portable llama.cpp (the build host's CPU is not the one the image runs on).

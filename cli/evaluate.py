@@ -36,7 +36,7 @@ def evaluate(
     Writes OUT/RUN/results.json, results.md and PNG plots.
     """
     from models.sasrec import SASRecConfig
-    from retrain.evaluate import BUILTIN_METHODS, run_evaluation
+    from evaluation.harness import BUILTIN_METHODS, run_evaluation
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     unknown = [m for m in names if m not in BUILTIN_METHODS]

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import scipy.sparse as sp
 
-from retrain.splits import TrainingData
+from streams.splits import TrainingData
 
 
 class RandomRanker:

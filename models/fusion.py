@@ -34,7 +34,7 @@ from models.rankers import Ranker, UserVectors
 
 if TYPE_CHECKING:
     from models.encoder import TextEncoder
-    from retrain.splits import TrainingData
+    from streams.splits import TrainingData
 
 Generate = Callable[[list[list[dict[str, str]]]], list[str]]
 """Blocking: one rationale per chat-message list, in order."""
@@ -185,7 +185,7 @@ class FusionRanker:
         return base, _standardise(q @ self.item_vectors.T)
 
     def fit(self, data: TrainingData) -> None:
-        from retrain import metrics as M
+        from models import metrics as M
 
         if not self.base_fitted:
             self.base.fit(data)

@@ -16,6 +16,10 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from streams.datasets import Item
 
 PROMPT_VERSION = "slim-cot-v1"
 
@@ -43,7 +47,6 @@ _STEP_HEADER = re.compile(r"\bstep\s*\d+\s*(?:[:.)\]\-\u2013\u2014]|$)", re.IGNO
 # Backticks (inline code and fences), tilde fences, markdown heading runs.
 _FENCES = re.compile(r"`+|~{3,}|#{2,}")
 _WHITESPACE = re.compile(r"\s+")
-
 
 def _strip_controls(text: str) -> str:
     out = []
@@ -148,7 +151,19 @@ def build_slim_messages(items: Sequence[PromptItem], max_items: int) -> list[dic
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
+def prompt_items(window: Sequence[int], item_ids: Sequence[str], catalogue: dict[str, Item]) -> list[PromptItem]:
+    """The prompt items of a window of item indices, from the catalogue (an unknown item: its id as title)."""
+    items = []
+    for i in window:
+        item_id = item_ids[i]
+        meta = catalogue.get(item_id)
+        items.append(PromptItem(title=meta.title if meta else item_id, year=meta.year if meta else None,
+                                genres=meta.genres if meta else ()))
+    return items
+
+
 __all__ = [
+    "prompt_items",
     "PROMPT_VERSION",
     "PromptItem",
     "build_slim_messages",

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 
 if TYPE_CHECKING:
-    from retrain.splits import TrainingData
+    from streams.splits import TrainingData
 
 
 def _normalise(v: np.ndarray) -> np.ndarray:
@@ -54,9 +54,9 @@ def blend_query(
 
 
 # --- offline evaluation: the Ranker protocol --------------------------------------------------------------
-# Every method the evaluation harness (retrain/evaluate.py) compares implements this: the baselines
+# Every method the evaluation harness (evaluation/harness.py) compares implements this: the baselines
 # (models/baselines.py, models/sasrec.py), the text ranker below, and later the rationale-based SLIM methods.
-# Item indices are the contiguous ones of retrain.splits (0 = padding); score arrays have n_items + 1
+# Item indices are the contiguous ones of streams.splits (0 = padding); score arrays have n_items + 1
 # columns so that column i is item i.
 
 

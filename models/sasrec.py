@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from retrain.metrics import full_rank_counts, history_mask, ndcg_at_k
-from retrain.splits import TrainingData
+from models.metrics import full_rank_counts, history_mask, ndcg_at_k
+from streams.splits import TrainingData
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ d. **Evaluation.** For each held-out user: window = the ``window`` events before
    events, targets = those last events. The serving and the candidate student each write one greedy
    rationale per window; its embedding ranks every catalogue item outside the window by cosine. Each target
    is ranked with the other targets removed from the candidates (leave-one-out per target,
-   :mod:`retrain.metrics`); NDCG@10 and HR@10 are averaged over a user's targets, then over users.
+   :mod:`models.metrics`); NDCG@10 and HR@10 are averaged over a user's targets, then over users.
 e. **Gate and registry.** :func:`retrain.gate.gate` compares the two; the candidate is published as a new
    registry version either way, its manifest holding the parent, the data window (first/last timestamp and
    topic offsets), the drift reason, both models' metrics, the gate decision and the datasets. Only a
@@ -61,7 +61,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.prompts import PROMPT_VERSION, PromptItem, build_slim_messages
-from retrain import metrics as M
+from models import metrics as M
 from retrain.dataset import DATASET_FORMAT, RationaleRecord, read_records, write_records
 from streams.drift import DriftReference, GenreDistribution, js_divergence
 from retrain.gate import GateDecision, gate

@@ -32,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from models.prompts import PROMPT_VERSION, PromptItem, build_slim_messages
+from models.prompts import PROMPT_VERSION, build_slim_messages, prompt_items
 from models.teacher import TeacherClient, TeacherConfig
 from retrain.dataset import DATASET_FORMAT, RationaleRecord
-from retrain.splits import TrainingData, leave_one_out
+from streams.splits import TrainingData, leave_one_out
 from streams.datasets import Item, item_text, load_interactions, load_items
 
 SCORE_NAME = "mrr"  # mean reciprocal rank of the targets in the full ranking of non-window items
@@ -88,16 +88,6 @@ def build_windows(data: TrainingData, users: Sequence[int], window_size: int, n_
         if wt is not None:
             out.append(RationaleWindow(user=int(u), window=tuple(wt[0]), targets=tuple(wt[1])))
     return out
-
-
-def prompt_items(window: Sequence[int], item_ids: Sequence[str], catalogue: dict[str, Item]) -> list[PromptItem]:
-    items = []
-    for i in window:
-        item_id = item_ids[i]
-        meta = catalogue.get(item_id)
-        items.append(PromptItem(title=meta.title if meta else item_id, year=meta.year if meta else None,
-                                genres=meta.genres if meta else ()))
-    return items
 
 
 # --------------------------------------------------------------------------------------------------------

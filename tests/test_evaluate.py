@@ -13,8 +13,8 @@ import pytest
 from models.baselines import PopularityRanker
 from models.rankers import Ranker
 from models.sasrec import SASRecConfig
-from retrain.evaluate import Method, run_evaluation
-from retrain.splits import TrainingData, leave_one_out, restrict_users
+from evaluation.harness import Method, run_evaluation
+from streams.splits import TrainingData, leave_one_out, restrict_users
 from streams.datasets import load_interactions
 from tests.test_encoder import shared_settings
 

@@ -14,8 +14,8 @@ import pytest
 from models.fusion import FusionRanker, RationaleCache, RationaleVectors
 from models.prompts import PromptItem
 from models.sasrec import SASRecConfig
-from retrain.evaluate import run_evaluation
-from retrain.splits import TrainingData, leave_one_out, restrict_users
+from evaluation.harness import run_evaluation
+from streams.splits import TrainingData, leave_one_out, restrict_users
 from streams.datasets import load_interactions, load_items
 from tests.test_encoder import shared_settings
 
@@ -176,7 +176,7 @@ def test_no_rationale_prompt_shows_the_judged_item(slim_run: dict) -> None:
     interactions = restrict_users(load_interactions("ml-100k"), 80, 3)
     split = leave_one_out(interactions)
     titles = {it.item_id: it.title for it in load_items("ml-100k")}
-    from retrain.splits import sample_user_indices
+    from streams.splits import sample_user_indices
 
     sample = sample_user_indices(split.n_users, 5, 3)
     prompts = slim_run["_prompts"]

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from retrain import metrics as M
-from retrain.splits import leave_one_out, restrict_users, sample_user_indices
+from models import metrics as M
+from streams.splits import leave_one_out, restrict_users, sample_user_indices
 from streams.datasets import Interaction
 
 

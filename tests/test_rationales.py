@@ -27,7 +27,7 @@ from retrain.rationales import (
     outcome_score,
     select_users,
 )
-from retrain.splits import leave_one_out
+from streams.splits import leave_one_out
 from streams.broker import free_port
 from streams.datasets import Interaction, load_interactions
 from tests.conftest import ROOT

@@ -1,6 +1,6 @@
 """Offline evaluation harness: leave-one-out, full and sampled ranking, baselines, reports.
 
-``run_evaluation`` loads a dataset, splits it (``retrain/splits.py``), fits every method on the training data
+``run_evaluation`` loads a dataset, splits it (``streams/splits.py``), fits every method on the training data
 (which never contains a test item), scores the test phase (history = training sequence + validation item),
 and writes ``<out_dir>/<run>/results.json``, ``results.md`` and PNG plots.
 
@@ -32,8 +32,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from models.rankers import HistoryMeanVectors, Ranker, TextRanker
-from retrain import metrics as M
-from retrain.splits import EvalPhase, TrainingData, leave_one_out, restrict_users, sample_user_indices
+from models import metrics as M
+from streams.splits import EvalPhase, TrainingData, leave_one_out, restrict_users, sample_user_indices
 from streams.datasets import Item, item_text, load_interactions, load_items
 from streams.settings import Settings
 
@@ -53,7 +53,7 @@ N_NEGATIVES = 100  # SLIM's sampled protocol
 # --- methods ----------------------------------------------------------------------------------------------
 @dataclass
 class EvalContext:
-    """What a method factory may use. Holds no test targets (see :class:`~retrain.splits.TrainingData`)."""
+    """What a method factory may use. Holds no test targets (see :class:`~streams.splits.TrainingData`)."""
 
     source: str
     data: TrainingData
@@ -168,7 +168,7 @@ def _text_mean(ctx: EvalContext) -> Ranker:
 
 def _builtin_methods() -> dict[str, Method]:
     from models.baselines import ItemKNNRanker, PopularityRanker, RandomRanker
-    from retrain.slim_methods import SLIM_METHODS, build_slim_method
+    from evaluation.slim_methods import SLIM_METHODS, build_slim_method
 
     methods = {
         "random": Method("random", lambda ctx: RandomRanker(ctx.seed)),

@@ -23,7 +23,7 @@ from models.rankers import HistoryMeanVectors, Ranker, TextRanker
 
 if TYPE_CHECKING:
     from models.fusion import Generate, RationaleVectors
-    from retrain.evaluate import EvalContext
+    from evaluation.harness import EvalContext
 
 GENERATORS = ("base", "distilled", "teacher")
 SLIM_METHODS = (*(f"slim-{g}" for g in GENERATORS), *(f"sasrec+slim-{g}" for g in GENERATORS), "sasrec+text-mean")
@@ -31,7 +31,7 @@ SLIM_METHODS = (*(f"slim-{g}" for g in GENERATORS), *(f"sasrec+slim-{g}" for g i
 
 def _item_prompts(ctx: EvalContext) -> list[PromptItem]:
     """The prompt entry of every item index (index 0, padding, is never shown)."""
-    from retrain.rationales import prompt_items
+    from models.prompts import prompt_items
 
     ids = ctx.data.item_ids
     return [PromptItem(title="", year=None, genres=())] + prompt_items(range(1, len(ids)), ids, ctx.items())
