@@ -27,13 +27,12 @@ import time
 from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 
 from agents.backlog import RationaleBacklog
-from streams.drift import DriftMonitor, DriftReference, StaleShare
+from streams.drift import DriftMonitor, DriftReference, StaleShare, read_drift_reference
 from streams.registry import ModelRegistry
 from streams.settings import Settings
 
@@ -46,7 +45,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-DRIFT_REFERENCE_FILE = "drift_reference.json"  # in <registry>/<version>/, written by the retrain job
 GENRE_CACHE_SIZE = 100_000  # item -> genres, for the drift monitor's genre mix (least recently used dropped)
 LATENCY_SAMPLES = 2_000  # recent timings kept per measured step, for /metrics/ percentiles
 
@@ -55,10 +53,6 @@ SwapResult = Literal["swapped", "noop", "failed"]
 
 class DeadlineExceeded(TimeoutError):
     pass
-
-
-def drift_reference_path(registry: ModelRegistry, version: str | None) -> Path | None:
-    return None if version is None else registry.version_dir(version) / DRIFT_REFERENCE_FILE
 
 
 class Runtime:
@@ -136,17 +130,7 @@ class Runtime:
         expected = self.registry.model_version(version, self.settings)
         if student.model_version != expected:
             raise ValueError(f"loaded student reports {student.model_version!r}, expected {expected!r}")
-        return student, self._read_drift_reference(version)
-
-    def _read_drift_reference(self, version: str | None) -> DriftReference | None:
-        path = drift_reference_path(self.registry, version)
-        if path is None or not path.is_file():
-            return None
-        try:
-            return DriftReference.load(path)
-        except (OSError, ValueError) as exc:
-            log.warning("ignoring unreadable drift reference %s: %s", path, exc)
-            return None
+        return student, read_drift_reference(self.registry, version)
 
     # -- hot swap ------------------------------------------------------------------------------------------
     @property

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from streams.packaged import packaged_path
+from streams.packaged import packaged_path, sha256_file
 
 _CHUNK = 8 * 1024 * 1024
 _LOCK_TIMEOUT_S = 900.0
@@ -119,14 +119,6 @@ def _is_assembled(path: Path, w: TeacherWeights) -> bool:
     except (OSError, ValueError):
         return False
     return st.st_size == w.size and meta.get("sha256") == w.sha256 and meta.get("mtime_ns") == st.st_mtime_ns
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _damaged_parts(w: TeacherWeights, parts: list[Path]) -> list[str]:

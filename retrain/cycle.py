@@ -63,7 +63,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.prompts import PROMPT_VERSION, PromptItem, build_slim_messages
 from models import metrics as M
 from retrain.dataset import DATASET_FORMAT, RationaleRecord, read_records, write_records
-from streams.drift import DriftReference, GenreDistribution, js_divergence
+from streams.drift import (
+    DRIFT_REFERENCE_FILE,
+    DriftReference,
+    GenreDistribution,
+    drift_reference_path,
+    js_divergence,
+    read_drift_reference,
+)
 from retrain.gate import GateDecision, gate
 from retrain.rationales import (
     RationaleWindow,
@@ -84,7 +91,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RETRAIN_STATE = "retrain_state.json"
-DRIFT_REFERENCE = "drift_reference.json"
 DATA_DIR = "data"
 STATE_FORMAT = 1
 K = 10
@@ -489,14 +495,9 @@ def current_reference(registry: ModelRegistry, catalogue: Mapping[str, Item],
     """The genre mix users' drift is measured against, and where it came from."""
     current = registry.current()
     if current is not None:
-        path = registry.version_dir(current) / DRIFT_REFERENCE
-        if path.is_file():
-            try:
-                ref = DriftReference.load(path)
-                if ref.genres is not None and ref.genres.proportions:
-                    return dict(ref.genres.proportions), f"{current}/{DRIFT_REFERENCE}"
-            except ValueError as exc:
-                log.warning("unreadable drift reference %s: %s", path, exc)
+        ref = read_drift_reference(registry, current)
+        if ref is not None and ref.genres is not None and ref.genres.proportions:
+            return dict(ref.genres.proportions), f"{current}/{DRIFT_REFERENCE_FILE}"
         windows: list[str] = []
         for ds in version_datasets(registry, current):
             p = _abs(ds["path"], registry.root)
@@ -720,7 +721,7 @@ def run_cycle(
         rationale_centroid=mean.tolist() if has_centroid else None,
         # a worker takes the centroid only if it rests on drift_min_events rationales
         rationale_samples=len(written) if has_centroid else None,
-    ).save(registry.version_dir(version) / DRIFT_REFERENCE)
+    ).save(drift_reference_path(registry, version))
 
     common: dict[str, Any] = {
         "version": version, "gate": decision, "candidate_metrics": candidate_m, "current_metrics": current_m,

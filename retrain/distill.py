@@ -16,7 +16,6 @@ continues training an existing adapter (its version becomes the new one's parent
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -33,7 +32,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.serving.backend import END_OF_TURN as STOP_TOKENS
 from retrain.dataset import RationaleRecord, read_records
+from streams.packaged import sha256_file
 from streams.registry import ADAPTER, MANIFEST, MANIFEST_FORMAT, ModelRegistry, utc_now, validate_version
 from streams.settings import Settings, get_settings
 
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-END_OF_TURN = "<|im_end|>"
+END_OF_TURN = STOP_TOKENS[0]  # "<|im_end|>": the token a ChatML turn ends with, what the student learns to write
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 _MIN_RATIONALE_TOKENS = 8  # a record whose prompt leaves less room than this is skipped
@@ -206,14 +207,6 @@ def mean_nll(model: Any, examples: Sequence[EncodedExample], batch_size: int, pa
 
 # --------------------------------------------------------------------------------------------------------
 # data
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @lru_cache(maxsize=8)

@@ -24,6 +24,7 @@ every signal over its threshold, or None. Deciding what to do about it (retrain,
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from streams.registry import utc_now, write_text_atomic
+from streams.registry import ModelRegistry, utc_now, write_text_atomic
 
 if TYPE_CHECKING:
     from streams.datasets import Item
@@ -420,6 +421,29 @@ class DriftReference(BaseModel):
         return ref
 
 
+DRIFT_REFERENCE_FILE = "drift_reference.json"  # in <registry>/<version>/, written by the retrain job
+log = logging.getLogger(__name__)
+
+
+def drift_reference_path(registry: ModelRegistry, version: str) -> Path:
+    return registry.version_dir(version) / DRIFT_REFERENCE_FILE
+
+
+def read_drift_reference(registry: ModelRegistry, version: str | None) -> DriftReference | None:
+    """Registry ``version``'s drift reference; None for the base model, a version without one, or one that
+    cannot be read (logged: monitoring must never stop the worker or the retrain job)."""
+    if version is None:
+        return None
+    path = drift_reference_path(registry, version)
+    if not path.is_file():
+        return None
+    try:
+        return DriftReference.load(path)
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable drift reference %s: %s", path, exc)
+        return None
+
+
 class FiredSignal(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -574,6 +598,7 @@ class DriftMonitor:
 
 __all__ = [
     "DEFAULT_PSI_EPS",
+    "DRIFT_REFERENCE_FILE",
     "SIGNALS",
     "DriftDecision",
     "DriftMonitor",
@@ -586,6 +611,8 @@ __all__ = [
     "RationaleCentroid",
     "StaleShare",
     "cosine_distance",
+    "drift_reference_path",
     "js_divergence",
     "psi",
+    "read_drift_reference",
 ]

@@ -6,6 +6,7 @@ imports recbole), so they are located with ``find_spec`` and read as plain files
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from pathlib import Path
 
@@ -20,3 +21,12 @@ def packaged_path(module: str, relative: str, install_hint: str) -> Path:
         if path.exists():
             return path
     raise FileNotFoundError(f"{module} is installed but has no {relative or 'package directory'}")
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    """SHA-256 (hex) of a file, read in chunks: packaged weights, datasets behind a registry version."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
