@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from agents.recommend import build_recommendations
 from agents.runtime import DeadlineExceeded
 from agents.state import owned_partitions, runtime
-from models.prompts import PromptItem, build_slim_messages
+from models.prompts import build_slim_messages, prompt_item
 from models.student_base import StudentError, postprocess_rationale
 from streams.app import app, recommendations_topic, windows
 from streams.events import RecommendationPath
@@ -80,7 +80,8 @@ async def _rationalise(states: list[WindowState]) -> None:
     store = runtime.store
     assert store is not None
     meta = await runtime.in_store(store.get_items, list(dict.fromkeys(i for st in states for i in st.item_ids)))
-    prompts = [build_slim_messages([_prompt_item(i, meta.get(i.item_id)) for i in st.items], s.prompt_max_items)
+    prompts = [build_slim_messages([prompt_item(i.item_id, meta.get(i.item_id), event_type=i.event_type, value=i.value)
+                                    for i in st.items], s.prompt_max_items)
                for st in states]
     # The student this batch runs on and is attributed to: a hot swap may replace runtime.student meanwhile.
     student = runtime.student
@@ -165,14 +166,3 @@ async def sweep() -> int:
                 asked += 1
     runtime.metrics["rationale_sweep_requests"] += asked
     return asked
-
-
-def _prompt_item(item, meta: dict | None) -> PromptItem:  # type: ignore[no-untyped-def]
-    meta = meta or {}
-    return PromptItem(
-        title=meta.get("title") or item.item_id,
-        year=meta.get("year"),
-        genres=tuple(meta.get("genres") or ()),
-        event_type=item.event_type,
-        value=item.value,
-    )

@@ -14,9 +14,9 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from streams.datasets import Item
@@ -151,18 +151,26 @@ def build_slim_messages(items: Sequence[PromptItem], max_items: int) -> list[dic
     return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
 
 
-def prompt_items(window: Sequence[int], item_ids: Sequence[str], catalogue: dict[str, Item]) -> list[PromptItem]:
-    """The prompt items of a window of item indices, from the catalogue (an unknown item: its id as title)."""
-    items = []
-    for i in window:
-        item_id = item_ids[i]
-        meta = catalogue.get(item_id)
-        items.append(PromptItem(title=meta.title if meta else item_id, year=meta.year if meta else None,
-                                genres=meta.genres if meta else ()))
-    return items
+def prompt_item(item_id: str, meta: Item | Mapping[str, Any] | None = None, *, event_type: str | None = None,
+                value: float | None = None) -> PromptItem:
+    """One window item as the LLM sees it. ``meta``: the catalogue's :class:`~streams.datasets.Item`, the item's
+    payload in the vector store (a dict with title, year, genres), or None: an unknown item, its id is its title."""
+    if isinstance(meta, Mapping):
+        title, year, genres = meta.get("title"), meta.get("year"), meta.get("genres")
+    elif meta is not None:
+        title, year, genres = meta.title, meta.year, meta.genres
+    else:
+        title, year, genres = None, None, None
+    return PromptItem(title=title or item_id, year=year, genres=tuple(genres or ()), event_type=event_type, value=value)
+
+
+def prompt_items(window: Sequence[int], item_ids: Sequence[str], catalogue: Mapping[str, Item]) -> list[PromptItem]:
+    """The prompt items of a window of item indices (``item_ids[i]``), from the catalogue."""
+    return [prompt_item(item_ids[i], catalogue.get(item_ids[i])) for i in window]
 
 
 __all__ = [
+    "prompt_item",
     "prompt_items",
     "PROMPT_VERSION",
     "PromptItem",

@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.prompts import PROMPT_VERSION, PromptItem, build_slim_messages
+from models.prompts import PROMPT_VERSION, PromptItem, build_slim_messages, prompt_item
 from models import metrics as M
 from retrain.dataset import DATASET_FORMAT, RationaleRecord, read_records, write_records
 from streams.drift import (
@@ -402,12 +402,7 @@ def split_heldout(users: Sequence[str], fraction: float, seed: int) -> tuple[lis
 
 
 def _prompt_items(events: Sequence[RecentEvent], catalogue: Mapping[str, Item]) -> list[PromptItem]:
-    out = []
-    for e in events:
-        meta = catalogue.get(e.item_id)
-        out.append(PromptItem(title=meta.title if meta else e.item_id, year=meta.year if meta else None,
-                              genres=meta.genres if meta else (), event_type=e.event_type, value=e.value))
-    return out
+    return [prompt_item(e.item_id, catalogue.get(e.item_id), event_type=e.event_type, value=e.value) for e in events]
 
 
 def stream_messages(events: Sequence[RecentEvent], catalogue: Mapping[str, Item], settings: Settings) -> list[dict[str, str]]:
