@@ -56,8 +56,6 @@ async def _loop() -> None:
 
 
 async def _serve(users: Sequence[str]) -> None:
-    store = runtime.store
-    assert store is not None
     owned = owned_partitions()
     states = []
     for user_id in users:
@@ -68,11 +66,20 @@ async def _serve(users: Sequence[str]) -> None:
             runtime.metrics["rationale_requests_not_owned"] += 1
             continue
         states.append(state)
-    stored = await runtime.in_store(store.rationale_keys, [st.user_id for st in states]) if states else {}
-    todo = [st for st in states if stored.get(st.user_id, (-1, -1)) < (st.epoch, st.version)]
+    todo = await _without_current_rationale(states)
     runtime.metrics["rationale_requests_already_done"] += len(states) - len(todo)
     if todo:
         await _rationalise(todo)
+
+
+async def _without_current_rationale(states: Sequence[WindowState]) -> list[WindowState]:
+    """Those ``states`` whose stored rationale is older than the window (or missing): one store lookup."""
+    if not states:
+        return []
+    store = runtime.store
+    assert store is not None
+    stored = await runtime.in_store(store.rationale_keys, [st.user_id for st in states])
+    return [st for st in states if stored.get(st.user_id, (-1, -1)) < st.key]
 
 
 async def _rationalise(states: list[WindowState]) -> None:
@@ -151,18 +158,13 @@ async def _sweeper() -> None:
 
 async def sweep() -> int:
     """Ask again for every owned user whose stored rationale is older than their window (or missing)."""
-    store = runtime.store
-    assert store is not None
     owned = owned_partitions()
-    windows_now = [(user, raw) for user, raw in list(windows.items())
-                   if raw and int(raw.get("partition", -1)) in owned]
+    states = [st for st in (WindowState.model_validate(raw) for raw in list(windows.values()) if raw)
+              if st.partition in owned]
     asked = 0
-    for start in range(0, len(windows_now), SWEEP_CHUNK):
-        chunk = windows_now[start:start + SWEEP_CHUNK]
-        stored = await runtime.in_store(store.rationale_keys, [user for user, _ in chunk])
-        for user, raw in chunk:
-            if stored.get(user, (-1, -1)) < (int(raw.get("epoch", 0) or 0), int(raw.get("version", 0))):
-                runtime.backlog.request(user)
-                asked += 1
+    for start in range(0, len(states), SWEEP_CHUNK):
+        for st in await _without_current_rationale(states[start:start + SWEEP_CHUNK]):
+            runtime.backlog.request(st.user_id)
+            asked += 1
     runtime.metrics["rationale_sweep_requests"] += asked
     return asked

@@ -79,7 +79,7 @@ async def build_recommendations(
             rationale=payload.get("rationale", ""),
             rationale_model_version=payload.get("model_version"),
             rationale_window_version=payload.get("window_version"),
-            rationale_current=bool(payload) and rationale_key(payload) == (st.epoch, st.version),
+            rationale_current=bool(payload) and rationale_key(payload) == st.key,
             window_version=st.version,
             last_event_timestamp=st.last_event_timestamp,
             produced_at=now,

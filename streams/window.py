@@ -32,6 +32,11 @@ class WindowState(BaseModel):
     def item_ids(self) -> list[str]:
         return [i.item_id for i in self.items]
 
+    @property
+    def key(self) -> tuple[int, int]:
+        """How new this window is, comparable with a stored rationale's ``vectorstore.store.rationale_key``."""
+        return self.epoch, self.version
+
 
 def is_duplicate(state: WindowState | None, event: InteractionEvent, partition: int, offset: int) -> bool:
     if state is None:
