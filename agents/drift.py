@@ -1,6 +1,6 @@
-"""Drift check: every ``drift_check_every_s`` seconds ask this worker's DriftMonitor to decide; a decision
+"""Drift check: every ``drift.check_every_s`` seconds ask this worker's DriftMonitor to decide; a decision
 goes to the ``drift-decisions`` topic (JSON :class:`streams.drift.DriftDecision`, key ``<host>:<pid>``) and to
-the log, at most once per ``drift_cooldown_s``. Deciding what to do about it (retrain) is a consumer's job.
+the log, at most once per ``drift.cooldown_s``. Deciding what to do about it (retrain) is a consumer's job.
 
 The monitor is fed by the agents (``runtime.observe_event`` in the window agent, ``on_recommendation`` where a
 recommendation goes out, ``on_rationale`` where a rationale is stored); each call is O(1) and a decision is
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 WORKER_KEY = f"{socket.gethostname()}:{os.getpid()}".encode()
 
 
-@app.timer(interval=settings.drift_check_every_s)
+@app.timer(interval=settings.drift.check_every_s)
 async def check_drift() -> None:
     if not runtime.models_ready.is_set():
         return
@@ -35,7 +35,7 @@ async def check_drift() -> None:
         return
     now = time.monotonic()
     last = runtime.drift_last_published
-    if last is not None and now - last < settings.drift_cooldown_s:
+    if last is not None and now - last < settings.drift.cooldown_s:
         runtime.metrics["drift_decisions_suppressed"] += 1
         return
     runtime.drift_last_published = now

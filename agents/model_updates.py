@@ -42,16 +42,16 @@ class ModelUpdateListener(Service):
         offsets: dict[TopicPartition, int] | None = None  # next offset per partition once positioned
         while not self.should_stop:
             consumer = AIOKafkaConsumer(
-                bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None, enable_auto_commit=False,
-                auto_offset_reset="latest", client_id=f"{settings.app_id}-model-updates",
+                bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                auto_offset_reset="latest", client_id=f"{settings.kafka.app_id}-model-updates",
             )
             try:
                 await consumer.start()
-                tps = await _assign_all(consumer, settings.topic_model_updates)
+                tps = await _assign_all(consumer, settings.kafka.topic_model_updates)
                 if offsets is None:  # first start: from the end, then catch up with the registry
                     await consumer.seek_to_end(*tps)
                     offsets = {tp: await consumer.position(tp) for tp in tps}
-                    log.info("following %r from offsets %s", settings.topic_model_updates,
+                    log.info("following %r from offsets %s", settings.kafka.topic_model_updates,
                              {tp.partition: o for tp, o in offsets.items()})
                     await self._reconcile()
                 else:  # reconnected: resume where we were

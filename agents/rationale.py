@@ -1,7 +1,7 @@
 """Rationale loops: backlog -> coalesced, batched, deadline-bound student calls -> Qdrant -> slow path.
 
 The window agent marks users in :attr:`Runtime.backlog` (one entry per user, however many events they sent);
-``student_concurrency`` loops here take batches of them at the student's pace. A request always means the
+``student.concurrency`` loops here take batches of them at the student's pace. A request always means the
 user's *newest* window, read from the table when its batch starts, so a burst of events for one user costs
 one student call, not one per event, and nothing the student does can hold up the window agent.
 
@@ -41,13 +41,13 @@ def _current_state(user_id: str) -> WindowState | None:
 @app.task
 async def rationale_workers() -> None:
     await runtime.models_ready.wait()
-    await asyncio.gather(*(_loop() for _ in range(runtime.settings.student_concurrency)), _sweeper())
+    await asyncio.gather(*(_loop() for _ in range(runtime.settings.student.concurrency)), _sweeper())
 
 
 async def _loop() -> None:
     s = runtime.settings
     while True:
-        users = await runtime.backlog.take_batch(s.student_batch_size, s.student_batch_wait_s)
+        users = await runtime.backlog.take_batch(s.student.batch_size, s.student.batch_wait_s)
         try:
             await _serve(users)
         except Exception:  # the loop must outlive any one batch
@@ -88,7 +88,7 @@ async def _rationalise(states: list[WindowState]) -> None:
     assert store is not None
     meta = await runtime.in_store(store.get_items, list(dict.fromkeys(i for st in states for i in st.item_ids)))
     prompts = [build_slim_messages([prompt_item(i.item_id, meta.get(i.item_id), event_type=i.event_type, value=i.value)
-                                    for i in st.items], s.prompt_max_items)
+                                    for i in st.items], s.student.prompt_max_items)
                for st in states]
     # The student this batch runs on and is attributed to: a hot swap may replace runtime.student meanwhile.
     student = runtime.student

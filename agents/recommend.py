@@ -41,7 +41,7 @@ async def build_recommendations(
     given = dict(rationales or {})
     lookup = [st.user_id for st in states if st.user_id not in given]
     stored = await rt.in_store(store.get_rationales, lookup) if lookup else {}
-    recent = {st.user_id: st.item_ids[-s.fast_path_recent_items:] for st in states}
+    recent = {st.user_id: st.item_ids[-s.retrieval.fast_path_recent_items:] for st in states}
     wanted = list(dict.fromkeys(i for ids in recent.values() for i in ids))
     item_vectors = await rt.in_store(store.get_item_vectors, wanted) if wanted else {}
     unknown = [i for i in wanted if i not in item_vectors]
@@ -59,14 +59,14 @@ async def build_recommendations(
         chosen.append(rationale)
         ids = recent[st.user_id]
         query = blend_query(rationale[0] if rationale else None,
-                            recent_items_vector(ids, item_vectors, s.fast_path_recent_items, s.recency_decay),
-                            s.rationale_weight)
+                            recent_items_vector(ids, item_vectors, s.retrieval.fast_path_recent_items, s.retrieval.recency_decay),
+                            s.retrieval.rationale_weight)
         if query is None or not np.all(np.isfinite(query)):
             slots.append(None)
             continue
         slots.append(len(queries))
         queries.append((query, st.item_ids))
-    results = await rt.in_store(store.search_items_batch, queries, s.top_k) if queries else []
+    results = await rt.in_store(store.search_items_batch, queries, s.retrieval.top_k) if queries else []
 
     now = time.time()
     out = []

@@ -2,7 +2,7 @@
 the thread pools that keep their blocking calls off the event loop.
 
 Each pool is sized on purpose: Qdrant local mode is not safe to share between threads, so one thread
-owns it; the student runs ``student_concurrency`` model calls at once (1 on a CPU box: a second
+owns it; the student runs ``student.concurrency`` model calls at once (1 on a CPU box: a second
 concurrent batch only splits the same cores); the encoder gets its own thread so a long generation
 never delays the embedding of a fresh rationale or the fast path's fallback. A hot swap loads the next
 student in a fourth, single-thread pool, so the serving student keeps generating in its own pool until the
@@ -15,7 +15,7 @@ old version; the next batch runs on the new one.
 
 Drift (:attr:`Runtime.drift`): one :class:`streams.drift.DriftMonitor` per worker, fed by the agents on the
 loop (O(1) per event). Its reference is ``<registry>/<CURRENT>/drift_reference.json`` when the serving
-version has one; otherwise the genre reference is taken from the first ``drift_window_events`` events this
+version has one; otherwise the genre reference is taken from the first ``drift.window_events`` events this
 worker sees (after a swap without a reference file, from the first window after the swap) and kept.
 """
 
@@ -63,11 +63,11 @@ class Runtime:
         self.started_at = time.time()
         # Users waiting for a rationale (agents/backlog.py) and the share of answers without a current one:
         # load, reported as such, never a drift signal.
-        self.backlog = RationaleBacklog(settings.rationale_backlog_max)
-        self.stale = StaleShare(window=settings.drift_window_events)
+        self.backlog = RationaleBacklog(settings.worker.rationale_backlog_max)
+        self.stale = StaleShare(window=settings.drift.window_events)
         self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="qdrant")
         self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="encoder")
-        self._student_pool = ThreadPoolExecutor(settings.student_concurrency, thread_name_prefix="student")
+        self._student_pool = ThreadPoolExecutor(settings.student.concurrency, thread_name_prefix="student")
         self._loader_pool = ThreadPoolExecutor(1, thread_name_prefix="student-loader")
         self.store: VectorStore | None = None
         self.encoder: TextEncoder | None = None
@@ -185,7 +185,7 @@ class Runtime:
         else:
             reference = DriftReference(model_version=self.model_version, genres=self.drift.reference.genres)
             self.drift_reference_source = "lazy" if reference.genres is not None else "pending"
-        n, least = reference.rationale_samples, self.settings.drift_min_events
+        n, least = reference.rationale_samples, self.settings.drift.min_events
         if reference.rationale_centroid is not None and (n is None or n >= least):
             self.rationale_reference_source = "file"  # n None: a file from before the count was written
         else:
@@ -232,7 +232,7 @@ class Runtime:
     def _observe_rationale(self, vector: np.ndarray) -> None:
         self.drift.on_rationale(vector)
         ref, window = self.drift.reference, self.drift.rationales
-        if ref.rationale_centroid is None and len(window) >= self.settings.drift_min_events:
+        if ref.rationale_centroid is None and len(window) >= self.settings.drift.min_events:
             centroid = window.centroid()
             if centroid is None or not float(np.linalg.norm(centroid)) > 0:
                 return  # the vectors cancel out: no direction to compare with yet
@@ -264,7 +264,7 @@ class Runtime:
 
     def _observe_event(self, user_id: str, item_id: str, genres: Sequence[str]) -> None:
         self.drift.on_event(user_id, item_id, genres)
-        if self.drift.reference.genres is None and len(self.drift.genres) >= self.settings.drift_window_events:
+        if self.drift.reference.genres is None and len(self.drift.genres) >= self.settings.drift.window_events:
             ref = self.drift.reference
             self.drift.reset_reference(ref.model_copy(update={
                 "genres": self.drift.genres.snapshot(), "model_version": ref.model_version or self.model_version,
@@ -301,11 +301,11 @@ class Runtime:
         assert self.encoder is not None
         store = VectorStore(self.settings)
         store.ensure_collections(self.encoder.dim)
-        if store.count(self.settings.collection_items) == 0:
+        if store.count(self.settings.qdrant.collection_items) == 0:
             # A worker pointed at an empty Qdrant indexes the configured catalogue itself, so
             # `docker compose up` and a fresh cluster need no separate step.
-            log.info("items collection is empty: indexing catalogue %r", self.settings.dataset)
-            report = index_catalogue(store, self.encoder, load_items(self.settings.dataset))
+            log.info("items collection is empty: indexing catalogue %r", self.settings.data.dataset)
+            report = index_catalogue(store, self.encoder, load_items(self.settings.data.dataset))
             log.info("indexed %s", report)
         return store
 
@@ -332,10 +332,10 @@ class Runtime:
         assert student is not None
         fut = asyncio.get_running_loop().run_in_executor(self._student_pool, student.generate, list(batch))
         try:
-            return await asyncio.wait_for(fut, timeout=self.settings.student_deadline_s)
+            return await asyncio.wait_for(fut, timeout=self.settings.student.deadline_s)
         except asyncio.TimeoutError:
             self.metrics["student_deadline_exceeded"] += 1
-            raise DeadlineExceeded(f"student batch of {len(batch)} exceeded {self.settings.student_deadline_s}s")
+            raise DeadlineExceeded(f"student batch of {len(batch)} exceeded {self.settings.student.deadline_s}s")
 
 
 def _percentiles(values: "deque[float]") -> dict[str, float | int]:

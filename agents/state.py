@@ -33,5 +33,5 @@ class RuntimeService(Service):
 
 def owned_partitions() -> set[int]:
     """The interactions partitions (= window table partitions: co-partitioned) this worker owns now."""
-    topic = runtime.settings.topic_interactions
+    topic = runtime.settings.kafka.topic_interactions
     return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}

@@ -2,10 +2,10 @@
 
 Events are applied one at a time (the table write needs the event's own partition), but answered in batches
 (:class:`FastPathBatch`): one recommendation per user per batch, for the user's newest window, built with one
-batched store call for all of them. Under a backlog a batch holds up to ``fast_path_batch_max`` events and
+batched store call for all of them. Under a backlog a batch holds up to ``worker.fast_path_batch_max`` events and
 the cost of answering grows with its users, not its events (Kafka Streams' record cache does the same:
 consecutive updates of a key are forwarded once); at a trickle a batch is one event, answered within
-``fast_path_batch_wait_s``.
+``worker.fast_path_batch_wait_s``.
 
 Nothing here waits for the student: an applied event marks its user in the rationale backlog
 (:mod:`agents.backlog`), which the rationale loops drain at the student's pace.
@@ -117,7 +117,7 @@ async def window_agent(stream):  # type: ignore[no-untyped-def]
     limits = EventLimits.from_settings(s)
     await runtime.store_ready.wait()
     manual = stream.noack()
-    batch = FastPathBatch(manual.ack, s.fast_path_batch_max, s.fast_path_batch_wait_s)
+    batch = FastPathBatch(manual.ack, s.worker.fast_path_batch_max, s.worker.fast_path_batch_wait_s)
     answering = asyncio.ensure_future(batch.run())
     try:
         async for event in manual.events():
@@ -166,7 +166,7 @@ async def _handle(event: Any, batch: FastPathBatch, limits: EventLimits) -> None
             return
         # The newest applied event came again: its answer may not have gone out before a crash.
     else:
-        state = apply_event(state, ev, msg.partition, msg.offset, s.window_size, s.recent_event_ids,
+        state = apply_event(state, ev, msg.partition, msg.offset, s.worker.window_size, s.worker.recent_event_ids,
                             epoch=time.time_ns() // 1_000_000)
         windows[ev.user_id] = state.model_dump(mode="json")
         runtime.metrics["events_applied"] += 1

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from streams.broker import EmbeddedBroker, free_port, stop_process  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 
-S = Settings()
+S = Settings.from_env()
 CRASH_MARKS = ("Crashed reason", "Traceback (most recent call last)")
 
 
@@ -86,14 +86,14 @@ def http_json(url: str) -> dict[str, Any] | None:
 
 
 def index_template(data_dir: Path) -> Path:
-    """The ML-1M catalogue in Qdrant local mode, indexed once into ``data_dir`` (copied per run)."""
+    """The ML-1M catalogue in Qdrant local mode, indexed once into ``data.data_dir`` (copied per run)."""
     from models.encoder import load_encoder
     from streams.datasets import load_items
     from vectorstore.catalogue import index_catalogue
     from vectorstore.store import VectorStore
 
     path = data_dir / "qdrant-template"
-    settings = Settings(data_dir=data_dir, qdrant_path=str(path))
+    settings = Settings.from_env(data={"data_dir": data_dir}, qdrant={"path": str(path)})
     store = VectorStore(settings)
     try:
         encoder = load_encoder(settings)
@@ -127,7 +127,7 @@ async def fresh_latency(bootstrap: str, n: int, rate: float, tag: str, item_ids:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
                                 fetch_max_wait_ms=5)  # Tansu answers an empty fetch only after this
     await consumer.start()
-    tps = [TopicPartition(S.topic_recommendations, p) for p in range(S.topic_partitions)]
+    tps = [TopicPartition(S.kafka.topic_recommendations, p) for p in range(S.kafka.topic_partitions)]
     consumer.assign(tps)
     await consumer.seek_to_end(*tps)
     for tp in tps:
@@ -160,7 +160,7 @@ async def fresh_latency(bootstrap: str, n: int, rate: float, tag: str, item_ids:
             ev = InteractionEvent(user_id=user, item_id=item_ids[k % len(item_ids)], event_type="view",
                                   timestamp=time.time())
             sent[user] = time.time()
-            await producer.send_and_wait(S.topic_interactions, ev.model_dump_json().encode(), key=user.encode())
+            await producer.send_and_wait(S.kafka.topic_interactions, ev.model_dump_json().encode(), key=user.encode())
         try:
             await asyncio.wait_for(reader, timeout=60)
         except asyncio.TimeoutError:
@@ -184,10 +184,10 @@ def run_one(n: int, args: argparse.Namespace, data_dir: Path, template: Path, wo
     shutil.copytree(template, qdrant)
     log_path = work / f"worker-{n}.log"
     with EmbeddedBroker(log_path=work / f"tansu-{n}.log") as broker:
-        settings = S.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap_servers})
+        settings = S.updated(kafka={"bootstrap_servers": broker.bootstrap_servers})
         asyncio.run(ensure_topics(settings))
         t = time.monotonic()
-        asyncio.run(publish(broker.bootstrap_servers, S.topic_interactions, records))
+        asyncio.run(publish(broker.bootstrap_servers, S.kafka.topic_interactions, records))
         say(f"published {len(records)} records ({valid} valid, {len(records) - valid} hostile) "
             f"in {time.monotonic() - t:.1f}s")
         port = free_port()
@@ -281,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(runs[-1], indent=2), flush=True)
     out = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "host": platform.node(),
            "cpus": os.cpu_count(), "backend": args.backend, "max_new_tokens": args.max_new_tokens,
-           "settings": {"fast_path_batch_max": S.fast_path_batch_max, "fast_path_batch_wait_s": S.fast_path_batch_wait_s,
-                        "one_record_per_batch": S.one_record_per_batch, "student_batch_size": S.student_batch_size},
+           "settings": {"fast_path_batch_max": S.worker.fast_path_batch_max, "fast_path_batch_wait_s": S.worker.fast_path_batch_wait_s,
+                        "one_record_per_batch": S.kafka.one_record_per_batch, "student_batch_size": S.student.batch_size},
            "runs": runs, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

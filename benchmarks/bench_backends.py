@@ -71,8 +71,8 @@ def main() -> None:
     ap.add_argument("--adapter", type=Path, help="LoRA adapter for the vLLM run (default: the registry's CURRENT)")
     args = ap.parse_args()
     data = Path(tempfile.mkdtemp(prefix="slimstream-bench-"))
-    base = dict(data_dir=data, student_max_new_tokens=args.tokens, student_threads=args.threads,
-                student_batch_size=4)
+    base = Settings.from_env(data={"data_dir": data}, student={"max_new_tokens": args.tokens,
+                                                               "threads": args.threads, "batch_size": 4})
     items = load_items("ml-1m")
     prompts = [build_slim_messages([PromptItem(title=i.title, year=i.year, genres=i.genres)
                                     for i in items[k * 20:(k + 1) * 20]], 20) for k in range(args.prompts)]
@@ -80,9 +80,9 @@ def main() -> None:
     from models.student import TransformersStudent
 
     backends = {
-        "transformers_f32": lambda: TransformersStudent(Settings(**base)),
-        "llamacpp_q4_1": lambda: LlamaCppStudent(Settings(**base, student_backend="llamacpp")),
-        "llamacpp_q8_0_export": lambda: LlamaCppStudent(Settings(**base, student_backend="llamacpp"),
+        "transformers_f32": lambda: TransformersStudent(base),
+        "llamacpp_q4_1": lambda: LlamaCppStudent(base.updated(student={"backend": "llamacpp"})),
+        "llamacpp_q8_0_export": lambda: LlamaCppStudent(base.updated(student={"backend": "llamacpp"}),
                                                         requantize=True),
     }
     results: dict[str, object] = {"machine": platform.processor() or platform.machine(), "at": time.time(),
@@ -107,20 +107,20 @@ def main() -> None:
     print(json.dumps(results, indent=2))
 
 
-def _bench_vllm(args: argparse.Namespace, base: dict, prompts: list, data: Path, results: dict) -> list[str]:
+def _bench_vllm(args: argparse.Namespace, base: Settings, prompts: list, data: Path, results: dict) -> list[str]:
     from models.openai_student import OpenAIStudent
     from models.student import export_base_model
     from streams.registry import ModelRegistry
     from streams.broker import free_port
 
-    settings = Settings(**base)
+    settings = base
     model_dir = export_base_model(settings, data / "models" / "student")
-    registry = ModelRegistry.for_settings(Settings())  # the project's registry (.slimstream/registry)
+    registry = ModelRegistry.for_settings(Settings.from_env())  # the project's registry (.slimstream/registry)
     adapter = args.adapter or (registry.adapter_dir(registry.current()) if registry.current() else None)
     names = []
-    with vllm_server(model_dir, settings.student_model_version, free_port(), args.vllm_dtype,
+    with vllm_server(model_dir, settings.student.model_version, free_port(), args.vllm_dtype,
                      data / "vllm.log") as url:
-        remote = Settings(**base, student_backend="openai", student_url=url, student_deadline_s=600)
+        remote = base.updated(student={"backend": "openai", "url": url, "deadline_s": 600})
         runs = {f"vllm_cpu_{args.vllm_dtype}_base": lambda: OpenAIStudent(remote)}
         if adapter is not None:
             runs[f"vllm_cpu_{args.vllm_dtype}_lora"] = lambda: OpenAIStudent(remote, adapter_dir=adapter)

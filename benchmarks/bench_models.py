@@ -64,8 +64,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200)
     args = ap.parse_args()
     data = Path(tempfile.mkdtemp(prefix="slimstream-bench-"))
-    settings = Settings(data_dir=data, qdrant_path=str(data / "qdrant"), student_max_new_tokens=args.tokens,
-                        student_batch_size=4)
+    settings = Settings.from_env(data={"data_dir": data}, qdrant={"path": str(data / "qdrant")}, student={"max_new_tokens": args.tokens, "batch_size": 4})
     items = load_items("ml-1m")
     texts = [item_text(i) for i in items[: args.texts]]
     results: dict[str, object] = {"machine": platform.processor() or platform.machine(), "at": time.time()}
@@ -75,7 +74,7 @@ def main() -> None:
     encoder.encode(texts[:8])  # warm-up
     onnx_vecs, onnx_s = timed(encoder.encode, texts)
     torch_encoder(texts[:8], 8)
-    torch_vecs, torch_s = timed(torch_encoder, texts, settings.encoder_batch_size)
+    torch_vecs, torch_s = timed(torch_encoder, texts, settings.encoder.batch_size)
     agree = float(np.min(np.sum(onnx_vecs * torch_vecs, axis=1)))
     results["encoder"] = {"texts": len(texts), "onnx_sentences_per_s": len(texts) / onnx_s,
                           "torch_sentences_per_s": len(texts) / torch_s, "onnx_over_torch": torch_s / onnx_s,
@@ -110,7 +109,7 @@ def main() -> None:
         for _ in range(max(10, args.queries // 5)):
             window = [items[j].item_id for j in rng.choice(len(items), 20, replace=False)]
             flt = models.Filter(must_not=[models.FieldCondition(key="item_id", match=models.MatchAny(any=window))])
-            _, s = timed(lambda: store.client.query_points(settings.collection_items, query=q.tolist(),
+            _, s = timed(lambda: store.client.query_points(settings.qdrant.collection_items, query=q.tolist(),
                                                            query_filter=flt, limit=10))
             flt_lat.append(s * 1000)
         results["vectorstore"] = {"items": len(items), "index_s": index_s,

@@ -79,6 +79,7 @@ if str(ROOT) not in sys.path:
 
 from streams.broker import EmbeddedBroker, free_port, stop_process  # noqa: E402
 from streams.events import InteractionEvent  # noqa: E402
+from streams.settings import Settings  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "drift_scenario.json"
 SHIFT_GENRES = ("Horror", "Film-Noir", "Documentary", "Western", "Sci-Fi")
@@ -263,7 +264,7 @@ def teacher_source(choice: str, cache_dir: Path) -> tuple[list[str], str, str]:
     if choice == "smollm2":
         from models.student_base import student_gguf_path
 
-        gguf = student_gguf_path()
+        gguf = student_gguf_path(Settings.from_env())
         return ["--gguf", str(gguf)], gguf.stem, f"SmolLM2 GGUF {gguf.name} (the student's base; a weak teacher)"
     gguf = Path(choice)
     if not gguf.is_file():
@@ -390,7 +391,7 @@ class Scenario:
             batch = [p.phase(name)[r] for p in self.plans if r < len(p.phase(name))]
             for ev in batch:
                 self.judge(name, r + 1, ev)
-            await publish(producer, self.settings.topic_interactions, batch, self.args.rate)
+            await publish(producer, self.settings.kafka.topic_interactions, batch, self.args.rate)
             for ev in batch:
                 self.sent[ev.user_id] += 1
             users = [ev.user_id for ev in batch]
@@ -422,7 +423,7 @@ class Scenario:
                 f"genre JS {'n/a' if js is None else f'{js:.3f}'}, "
                 f"{m.get('drift_decisions_published', 0)} drift decision(s) published")
         # give the drift timer a couple of checks on the phase's final state
-        await asyncio.sleep(2 * self.settings.drift_check_every_s + 0.5)
+        await asyncio.sleep(2 * self.settings.drift.check_every_s + 0.5)
         log.wall_s = time.monotonic() - t0
         log.ended = time.time()
         log.worker_end = await self.metrics()
@@ -437,10 +438,10 @@ def retrain_child(spec_path: str) -> None:
     from retrain.cycle import default_publisher, retrain_once
     from streams.drift import DriftDecision
     from streams.registry import ModelRegistry
-    from streams.settings import get_settings
+
 
     spec = json.loads(Path(spec_path).read_text())
-    settings = get_settings()
+    settings = Settings.from_env()
     registry = ModelRegistry.for_settings(settings)
     reason = DriftDecision.model_validate(spec["drift_reason"]) if spec.get("drift_reason") else None
     result = retrain_once(settings, registry=registry, drift_reason=reason,
@@ -571,9 +572,9 @@ async def run_scenario(args: argparse.Namespace, plans: list[UserPlan], env: dic
     from aiokafka import AIOKafkaConsumer
 
     from streams.replay import start_producer
-    from streams.settings import Settings
 
-    settings = Settings()  # from os.environ, which main() set to ``env``
+
+    settings = Settings.from_env()  # from os.environ, which main() set to ``env``
     logs = run_dir / "logs"
     timings = out["timings"]
 
@@ -603,9 +604,9 @@ async def run_scenario(args: argparse.Namespace, plans: list[UserPlan], env: dic
     out["base_model_version"] = h["model_version"]
 
     sc = Scenario(args, plans, settings, url, worker, worker_log)
-    recs_c = AIOKafkaConsumer(settings.topic_recommendations, bootstrap_servers=settings.kafka_bootstrap_servers,
+    recs_c = AIOKafkaConsumer(settings.kafka.topic_recommendations, bootstrap_servers=settings.kafka.bootstrap_servers,
                               group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
-    drift_c = AIOKafkaConsumer(settings.topic_drift, bootstrap_servers=settings.kafka_bootstrap_servers,
+    drift_c = AIOKafkaConsumer(settings.kafka.topic_drift, bootstrap_servers=settings.kafka.bootstrap_servers,
                                group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
     await recs_c.start()
     await drift_c.start()

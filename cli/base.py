@@ -6,6 +6,7 @@ registers them all. Commands stay thin: they wire settings to the modules that d
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+
+from streams.settings import Settings, SettingsError
 
 NO_PUBLISH_HELP = "change the registry only (offline); running workers switch at their next start"
 
@@ -50,3 +53,14 @@ def quiet_kafka_log() -> Iterator[None]:
         yield
     finally:
         kafka_log.setLevel(level)
+
+
+@functools.lru_cache(maxsize=1)
+def load_settings() -> Settings:
+    """This process's settings, read from the environment once (the CLI is an entry point: it passes them
+    down). A variable with a bad value is one line and exit code 2."""
+    try:
+        return Settings.from_env()
+    except SettingsError as exc:
+        fail(f"bad setting in the environment: {exc}", 2)
+        raise  # unreachable: fail raises

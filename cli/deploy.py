@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 import streams
-from cli.base import cli, console, fail, progress_bar
-from streams.settings import Settings, get_settings
+from cli.base import cli, console, fail, load_settings, progress_bar
+from streams.settings import Settings
 
 SCHEMA_DIR = Path(streams.__file__).parent / "schemas"  # the package data the contracts test compares
 
@@ -22,8 +22,8 @@ def index_items(
     items: Annotated[Optional[str], typer.Option(help="ml-1m, ml-100k, or an items .csv/.jsonl file or dir")] = None,
 ) -> None:
     """Embed the item catalogue into Qdrant (idempotent: unchanged items are not re-embedded)."""
-    settings = get_settings()
-    report = index_source(settings, items or settings.dataset)
+    settings = load_settings()
+    report = index_source(settings, items or settings.data.dataset)
     console.print(f"items: {report.total} total, {report.embedded} embedded, {report.unchanged} unchanged, "
                   f"{report.removed} removed")
 
@@ -57,7 +57,7 @@ def topics(
     timeout: Annotated[float, typer.Option(min=1, help="seconds to wait for the broker")] = 60.0,
 ) -> None:
     """Create the app's topics up front (partition counts from settings) and check existing ones match."""
-    create_topics(get_settings(), timeout)
+    create_topics(load_settings(), timeout)
 
 
 def create_topics(settings: Settings, timeout: float) -> None:
@@ -79,10 +79,10 @@ def init(
 ) -> None:
     """One-shot deployment set-up: create the topics, then index the catalogue (SLIMSTREAM_DATASET) into Qdrant.
     Idempotent: run it before the workers on every deploy."""
-    settings = get_settings()
+    settings = load_settings()
     create_topics(settings, timeout)
-    report = index_source(settings, settings.dataset)
-    console.print(f"catalogue {settings.dataset}: {report.total} items ({report.embedded} embedded now, "
+    report = index_source(settings, settings.data.dataset)
+    console.print(f"catalogue {settings.data.dataset}: {report.total} items ({report.embedded} embedded now, "
                   f"{report.unchanged} unchanged, {report.removed} removed)")
 
 
@@ -96,7 +96,7 @@ def export_student(
     the format vLLM serves; registry adapters are LoRA adapters for exactly these weights."""
     from models.student import export_base_model
 
-    settings = get_settings()
+    settings = load_settings()
     if if_missing and (out / "config.json").is_file():
         console.print(f"{out} already holds an export; nothing to do")
         return
@@ -104,7 +104,7 @@ def export_student(
         path = export_base_model(settings, out)
     except (FileNotFoundError, FileExistsError) as exc:
         fail(str(exc))
-    console.print(f"student {settings.student_model_version} written to {path}")
+    console.print(f"student {settings.student.model_version} written to {path}")
 
 
 

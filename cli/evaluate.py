@@ -8,8 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.base import cli, console, fail, progress_bar
-from streams.settings import get_settings
+from cli.base import cli, console, fail, load_settings, progress_bar
 
 
 # --- evaluate --------------------------------------------------------------------------------------------
@@ -45,8 +44,8 @@ def evaluate(
                                  f"{', '.join(BUILTIN_METHODS)}", param_hint="--methods")
     if adapter is not None and not (adapter / "adapter_config.json").is_file():
         raise typer.BadParameter(f"not a LoRA adapter directory: {adapter}", param_hint="--adapter")
-    settings = get_settings()
-    source = data or settings.dataset
+    settings = load_settings()
+    source = data or settings.data.dataset
     config = SASRecConfig(time_budget_s=sasrec_minutes * 60, threads=threads or None)
     with progress_bar() as progress:
         task = progress.add_task("evaluating", total=None)

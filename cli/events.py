@@ -12,8 +12,8 @@ from aiokafka.errors import KafkaConnectionError
 from rich.console import Console
 from rich.panel import Panel
 
-from cli.base import cli, console, fail
-from streams.settings import Settings, get_settings
+from cli.base import cli, console, fail, load_settings
+from streams.settings import Settings
 
 
 # --- produce ---------------------------------------------------------------------------------------------
@@ -29,7 +29,7 @@ def produce(
         raise typer.BadParameter(f"no such file: {file}", param_hint="FILE")
     if file.suffix.lower() not in (".jsonl", ".ndjson", ".json", ".csv"):
         raise typer.BadParameter(f"unsupported extension {file.suffix!r} (use .jsonl or .csv)", param_hint="FILE")
-    settings = get_settings()
+    settings = load_settings()
     good, bad = [], 0
     for line, ev in read_event_file(file):
         if isinstance(ev, str):
@@ -39,7 +39,7 @@ def produce(
             good.append(ev)
 
     sent = publish_events(settings, good, rate)
-    console.print(f"sent {sent} events to {settings.topic_interactions!r}; {bad} invalid lines skipped")
+    console.print(f"sent {sent} events to {settings.kafka.topic_interactions!r}; {bad} invalid lines skipped")
     if bad:
         raise typer.Exit(1)
 
@@ -56,14 +56,14 @@ def replay(
     """Publish a seeded sample of a dataset's users' interactions, in time order, to the interactions topic."""
     from streams.replay import publish_events, sample_replay
 
-    settings = get_settings()
+    settings = load_settings()
     try:
-        events = sample_replay(data or settings.dataset, users, max_events, seed)
+        events = sample_replay(data or settings.data.dataset, users, max_events, seed)
     except (ValueError, FileNotFoundError) as exc:
         fail(f"--data: {exc}", 2)
 
     sent = publish_events(settings, events, rate)
-    console.print(f"sent {sent} events of {len({e.user_id for e in events})} users to {settings.topic_interactions!r}")
+    console.print(f"sent {sent} events of {len({e.user_id for e in events})} users to {settings.kafka.topic_interactions!r}")
 
 
 
@@ -75,7 +75,7 @@ def tail(
     limit: Annotated[Optional[int], typer.Option(min=1, help="stop after this many messages")] = None,
 ) -> None:
     """Print the recommendations topic as it arrives."""
-    settings = get_settings()
+    settings = load_settings()
     asyncio.run(_tail(settings, from_beginning, as_json, limit))
 
 
@@ -84,7 +84,7 @@ async def _tail(settings: Settings, from_beginning: bool, as_json: bool, limit: 
 
     from streams.events import Recommendation
 
-    consumer = AIOKafkaConsumer(settings.topic_recommendations, bootstrap_servers=settings.kafka_bootstrap_servers,
+    consumer = AIOKafkaConsumer(settings.kafka.topic_recommendations, bootstrap_servers=settings.kafka.bootstrap_servers,
                                 auto_offset_reset="earliest" if from_beginning else "latest",
                                 enable_auto_commit=False, group_id=None)
     try:

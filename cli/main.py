@@ -12,8 +12,7 @@ from typer._click import exceptions as click_exc  # typer >= 0.29 vendors click
 # Importing a command module registers its commands; ``--help`` lists them in this order.
 from cli import worker  # noqa: F401,I001  (registration)
 from cli import up, events, deploy, models, teacher, evaluate, retrain  # noqa: F401,E402
-from cli.base import cli
-from streams.settings import get_settings
+from cli.base import cli, load_settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,8 +27,8 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         sys.exit(130)
     except KafkaConnectionError as exc:
-        settings = get_settings()
-        print(f"slimstream: error: cannot reach Kafka at {settings.kafka_bootstrap_servers} "
+        settings = load_settings()
+        print(f"slimstream: error: cannot reach Kafka at {settings.kafka.bootstrap_servers} "
               f"(KAFKA_BOOTSTRAP_SERVERS): {exc}", file=sys.stderr)
         sys.exit(1)
     except typer.Exit as exc:

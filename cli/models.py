@@ -7,8 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.base import NO_PUBLISH_HELP, cli, console, fail, progress_bar, quiet_kafka_log
-from streams.settings import get_settings
+from cli.base import NO_PUBLISH_HELP, cli, console, fail, load_settings, progress_bar, quiet_kafka_log
 
 
 # --- distill ---------------------------------------------------------------------------------------------
@@ -52,7 +51,7 @@ def distill(
                                val_fraction=val_fraction, seed=seed)
     except ValidationError as exc:
         fail(str(exc), 2)
-    settings = get_settings()
+    settings = load_settings()
     with progress_bar() as progress:
         task = progress.add_task("distilling", total=None)
 
@@ -84,7 +83,7 @@ cli.add_typer(models_cli, name="models")
 def open_registry(path: Optional[Path]):  # type: ignore[no-untyped-def]
     from streams.registry import ModelRegistry
 
-    return ModelRegistry(path) if path is not None else ModelRegistry.for_settings(get_settings())
+    return ModelRegistry(path) if path is not None else ModelRegistry.for_settings(load_settings())
 
 
 @models_cli.command("list")
@@ -111,17 +110,17 @@ def _announce(reg, action: str, reason: str) -> None:  # type: ignore[no-untyped
 
     from streams.model_updates import model_update_for, publish_model_update_sync
 
-    settings = get_settings()
+    settings = load_settings()
     update = model_update_for(reg, settings, action, reason)  # type: ignore[arg-type]
     try:
         with quiet_kafka_log():
             publish_model_update_sync(settings, update)
     except KafkaError as exc:
         fail(f"CURRENT is {update.version or 'the base model'} in {reg.root}, but the model update was not "
-              f"published to Kafka at {settings.kafka_bootstrap_servers} (KAFKA_BOOTSTRAP_SERVERS): "
+              f"published to Kafka at {settings.kafka.bootstrap_servers} (KAFKA_BOOTSTRAP_SERVERS): "
               f"{str(exc) or type(exc).__name__}; running workers keep their student until they restart or "
               "`slimstream models publish` succeeds")
-    console.print(f"published model update {update.event_id} to {settings.topic_model_updates!r}: "
+    console.print(f"published model update {update.event_id} to {settings.kafka.topic_model_updates!r}: "
                   f"{update.model_version}")
 
 

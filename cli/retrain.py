@@ -10,9 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.base import cli, console, fail, quiet_kafka_log
+from cli.base import cli, console, fail, load_settings, quiet_kafka_log
 from cli.models import open_registry
-from streams.settings import get_settings
 
 
 # --- retrain ---------------------------------------------------------------------------------------------
@@ -34,7 +33,7 @@ def retrain(
     One cycle, or with --every one cycle per period. A candidate that passes the gate is promoted and announced
     to the workers (model-updates topic); a rejected one stays in the registry, unpromoted.
     """
-    from models.teacher import TeacherError
+    from models.openai_client import ChatError
     from retrain.cycle import (
         default_publisher,
         parse_duration,
@@ -55,9 +54,9 @@ def retrain(
             load_items(data)
         except (ValueError, FileNotFoundError) as exc:
             fail(f"--data: {exc}", 2)
-    settings = get_settings()
+    settings = load_settings()
     if max_steps is not None:
-        settings = settings.model_copy(update={"retrain_max_steps": max_steps})
+        settings = settings.updated(retrain={"max_steps": max_steps})
     reg = open_registry(registry)
     announce = default_publisher(settings, reg)
 
@@ -95,8 +94,8 @@ def retrain(
     if interval is None:
         try:
             show(cycle(None))
-        except TeacherError as exc:
-            fail(f"teacher at {settings.teacher_url} (SLIMSTREAM_TEACHER_URL) failed: {exc}")
+        except ChatError as exc:
+            fail(f"teacher at {settings.teacher.url} (SLIMSTREAM_TEACHER_URL) failed: {exc}")
         except (ValueError, FileNotFoundError) as exc:
             fail(str(exc))
         return

@@ -10,8 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import Progress
 
-from cli.base import cli, console, fail, progress_bar
-from streams.settings import get_settings
+from cli.base import cli, console, fail, load_settings, progress_bar
 
 
 # --- serve-teacher ---------------------------------------------------------------------------------------
@@ -78,7 +77,8 @@ def teacher_rationales(
     import re as _re
 
     from models.encoder import load_encoder
-    from models.teacher import TeacherClient, TeacherConfig, TeacherError
+    from models.openai_client import ChatError
+    from models.teacher import open_teacher
     from retrain.rationales import generate_rationales
 
     for name, value in (("--users", users), ("--samples", samples), ("--window-size", window_size),
@@ -89,17 +89,16 @@ def teacher_rationales(
         raise typer.BadParameter(f"must be > 0, got {temperature}", param_hint="--temperature")
     if version is not None and not _re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", version):
         raise typer.BadParameter("letters, digits, '.', '_' and '-' only", param_hint="--version")
-    settings = get_settings()
-    source = data or settings.dataset
-    out_dir = out or settings.data_dir / "rationales"
-    config = TeacherConfig.from_settings(settings)
+    settings = load_settings()
+    source = data or settings.data.dataset
+    out_dir = out or settings.data.data_dir / "rationales"
 
     async def job(progress: Progress, task) -> object:  # type: ignore[no-untyped-def]
         encoder = await asyncio.to_thread(load_encoder, settings)
-        async with TeacherClient(config, cache_dir=settings.data_dir / "teacher-cache") as teacher:
+        async with open_teacher(settings) as teacher:
             return await generate_rationales(
                 source, teacher=teacher, encoder=encoder, out_dir=out_dir, dataset_version=version, n_users=users,
-                samples=samples, window_size=window_size or settings.window_size, n_targets=targets, seed=seed,
+                samples=samples, window_size=window_size or settings.worker.window_size, n_targets=targets, seed=seed,
                 temperature=temperature, max_tokens=max_tokens,
                 progress=lambda done, total: progress.update(task, completed=done, total=total))
 
@@ -112,8 +111,8 @@ def teacher_rationales(
         task = progress.add_task("teacher rationales", total=None)
         try:
             result = asyncio.run(job(progress, task))
-        except TeacherError as exc:
-            fail(f"teacher at {config.teacher_url} (SLIMSTREAM_TEACHER_URL) failed: {exc}")
+        except ChatError as exc:
+            fail(f"teacher at {settings.teacher.url} (SLIMSTREAM_TEACHER_URL) failed: {exc}")
         except (ValueError, FileNotFoundError) as exc:
             fail(str(exc), 2)
     console.print(f"{result.path}: {result.records} records ({result.written} new, {result.skipped} already there"

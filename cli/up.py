@@ -11,10 +11,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.base import cli, console, fail, progress_bar
+from cli.base import cli, console, fail, load_settings, progress_bar
 from cli.deploy import index_source
 from cli.events import show_recommendation
-from streams.settings import Settings, get_settings
+from streams.settings import Settings
 
 
 # --- up --------------------------------------------------------------------------------------------------
@@ -35,24 +35,24 @@ def up(
     """
     from streams.broker import EmbeddedBroker, stop_process
 
-    base = get_settings()
-    base.data_dir.mkdir(parents=True, exist_ok=True)
-    logs = base.data_dir / "logs"
+    base = load_settings()
+    base.data.data_dir.mkdir(parents=True, exist_ok=True)
+    logs = base.data.data_dir / "logs"
     logs.mkdir(exist_ok=True)
     broker = EmbeddedBroker(port=port, log_path=logs / "tansu.log")
     worker_proc: subprocess.Popen[bytes] | None = None
     try:
         console.print(f"starting Tansu broker on {broker.host}:{broker.port} ...")
         broker.start()
-        settings = base.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap_servers})
+        settings = base.updated(kafka={"bootstrap_servers": broker.bootstrap_servers})
         from streams.topics import ensure_topics
 
         asyncio.run(ensure_topics(settings))
-        report = index_source(settings, settings.dataset)
-        console.print(f"catalogue {settings.dataset}: {report.total} items ({report.embedded} embedded now)")
+        report = index_source(settings, settings.data.dataset)
+        console.print(f"catalogue {settings.data.dataset}: {report.total} items ({report.embedded} embedded now)")
         # up replays MovieLens' 2000-2003 interactions: the worker must admit historical timestamps.
         env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
-               "SLIMSTREAM_DATA_DIR": str(settings.data_dir), "SLIMSTREAM_EVENT_TIME_MODE": "replay"}
+               "SLIMSTREAM_DATA_DIR": str(settings.data.data_dir), "SLIMSTREAM_EVENT_TIME_MODE": "replay"}
         worker_log = open(logs / "worker.log", "ab")
         worker_proc = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env,
                                        stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -74,10 +74,10 @@ async def _replay_and_show(settings: Settings, users: int, rate: float, max_even
     from streams.events import Recommendation
     from streams.replay import publish, sample_replay, start_producer
 
-    events = sample_replay(settings.dataset, users, max_events, seed)
+    events = sample_replay(settings.data.dataset, users, max_events, seed)
     final_version = dict(Counter(ev.user_id for ev in events))  # distinct events: window version = count
     explained: set[str] = set()
-    consumer = AIOKafkaConsumer(settings.topic_recommendations, bootstrap_servers=settings.kafka_bootstrap_servers,
+    consumer = AIOKafkaConsumer(settings.kafka.topic_recommendations, bootstrap_servers=settings.kafka.bootstrap_servers,
                                 auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
     await consumer.start()
     producer = await start_producer(settings)
@@ -98,7 +98,7 @@ async def _replay_and_show(settings: Settings, users: int, rate: float, max_even
                     show_recommendation(rec, progress.console)
 
             shower = asyncio.create_task(show())
-            await publish(producer, settings.topic_interactions, events, rate,
+            await publish(producer, settings.kafka.topic_interactions, events, rate,
                           on_sent=lambda ev: progress.update(sent_task, advance=1))
             progress.update(sent_task, description="replay done; waiting for rationales")
             deadline = asyncio.get_running_loop().time() + wait
@@ -108,7 +108,7 @@ async def _replay_and_show(settings: Settings, users: int, rate: float, max_even
                 await asyncio.sleep(0.5)
             shower.cancel()
             if worker_proc.poll() is not None:
-                fail(f"worker exited with code {worker_proc.returncode}; see {settings.data_dir / 'logs/worker.log'}")
+                fail(f"worker exited with code {worker_proc.returncode}; see {settings.data.data_dir / 'logs/worker.log'}")
         console.print(f"{len(events)} events from {len(final_version)} users -> {stats['fast']} fast-path and "
                       f"{stats['slow']} slow-path recommendations; {len(explained)}/{len(final_version)} users "
                       "have a rationale for their final window")

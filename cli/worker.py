@@ -10,8 +10,7 @@ from typing import Annotated
 
 import typer
 
-from cli.base import cli
-from streams.settings import get_settings
+from cli.base import cli, load_settings
 
 
 # --- worker ----------------------------------------------------------------------------------------------
@@ -24,7 +23,7 @@ def worker(
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
     from streams.topics import ensure_topics
 
-    settings = get_settings()
+    settings = load_settings()
     asyncio.run(ensure_topics(settings))
     from faust.worker import Worker
 

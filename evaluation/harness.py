@@ -163,7 +163,7 @@ def _sasrec(ctx: EvalContext) -> Ranker:
 def _text_mean(ctx: EvalContext) -> Ranker:
     vecs = ctx.item_vectors()
     # The stream's prompt shows the newest prompt_max_items items; the no-LLM floor uses the same window.
-    return TextRanker(vecs, HistoryMeanVectors(vecs, max_items=ctx.settings.prompt_max_items))
+    return TextRanker(vecs, HistoryMeanVectors(vecs, max_items=ctx.settings.student.prompt_max_items))
 
 
 def _builtin_methods() -> dict[str, Method]:
@@ -284,7 +284,7 @@ def run_evaluation(
     limit_users: int | None = None,
     sasrec_config: SASRecConfig | None = None,
     ci: Literal["normal", "bootstrap"] = "normal",
-    settings: Settings | None = None,
+    settings: Settings,
     encoder: TextEncoder | None = None,
     batch_size: int = 512,
     adapter_dir: str | Path | None = None,
@@ -303,7 +303,6 @@ def run_evaluation(
     the error propagates). Deterministic for a given seed (SASRec: on the same torch thread count).
     """
     t_start = time.monotonic()
-    settings = settings or Settings()
     resolved = resolve_methods(methods)
     total = 3 + 2 * len(resolved)
     done = 0

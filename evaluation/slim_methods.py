@@ -3,13 +3,13 @@
 =========================  ==========================================================================
 ``slim-base``              ID-agnostic: base student's rationale vs item-text vectors
 ``slim-distilled``         ID-agnostic: the distilled student (``--adapter`` or the registry's CURRENT)
-``slim-teacher``           ID-agnostic: the teacher's own rationales (greedy), from ``teacher_url``
+``slim-teacher``           ID-agnostic: the teacher's own rationales (greedy), from ``teacher.url``
 ``sasrec+slim-<g>``        ID-based: SASRec fused with generator ``<g>``'s rationale vector (learned alpha)
 ``sasrec+text-mean``       control: SASRec fused with the mean item-text vector of the same window (no LLM)
 =========================  ==========================================================================
 
 The LLM ones run on the evaluation's user sample (one generation per user and phase). The student runs on
-``student_backend`` (llamacpp is ~6x faster on CPU; both decode greedily), so the base and the distilled
+``student.backend`` (llamacpp is ~6x faster on CPU; both decode greedily), so the base and the distilled
 student are compared on the same backend and decoding.
 """
 
@@ -51,11 +51,11 @@ def _student_generator(ctx: EvalContext, distilled: bool) -> tuple[Generate, str
             if adapter is None:
                 raise ValueError("slim-distilled needs --adapter or a promoted model in the registry")
         kwargs["adapter_dir"] = adapter
-    if settings.student_backend == "llamacpp" and not distilled:
+    if settings.student.backend == "llamacpp" and not distilled:
         kwargs["requantize"] = True  # the same export and quantization as the distilled student
     student = load_student(settings, **kwargs)
-    gen_id = (f"student-{settings.student_backend}-{student.model_version}-"
-              f"{settings.student_max_new_tokens}t")
+    gen_id = (f"student-{settings.student.backend}-{student.model_version}-"
+              f"{settings.student.max_new_tokens}t")
     if distilled:  # the adapter's content, not only its name, identifies the generator
         from models.student_base import adapter_digest
 
@@ -66,21 +66,20 @@ def _student_generator(ctx: EvalContext, distilled: bool) -> tuple[Generate, str
 
 def _teacher_generator(ctx: EvalContext) -> tuple[Generate, str, str]:
     from models.student_base import postprocess_rationale
-    from models.teacher import TeacherClient, TeacherConfig
+    from models.teacher import open_teacher
 
-    cfg = TeacherConfig.from_settings(ctx.settings)
-    cache_dir = ctx.settings.data_dir / "teacher-cache"
+    cfg = ctx.settings.teacher
 
     def generate(batch: list[list[dict[str, str]]]) -> list[str]:
         async def run() -> list[str]:
-            async with TeacherClient(cfg, cache_dir=cache_dir) as client:
+            async with open_teacher(ctx.settings) as client:
                 answers = await asyncio.gather(*(client.complete(m, n=1, temperature=0.0) for m in batch))
             return [postprocess_rationale(a[0] if a else "") for a in answers]
 
         return asyncio.run(run())
 
-    gen_id = f"teacher-{cfg.teacher_model}-{cfg.teacher_max_tokens}t"
-    return generate, gen_id, f"SLIM ID-agnostic, teacher ({cfg.teacher_model})"
+    gen_id = f"teacher-{cfg.model}-{cfg.max_tokens}t"
+    return generate, gen_id, f"SLIM ID-agnostic, teacher ({cfg.model})"
 
 
 def rationale_vectors(ctx: EvalContext, generator: str) -> RationaleVectors:
@@ -95,9 +94,9 @@ def rationale_vectors(ctx: EvalContext, generator: str) -> RationaleVectors:
             gen, gen_id, label = _student_generator(ctx, distilled=generator == "distilled")
         if ctx.encoder is None:
             ctx.item_vectors()  # loads the encoder
-        return RationaleVectors(gen, ctx.encoder, _item_prompts(ctx), max_items=ctx.settings.prompt_max_items,
+        return RationaleVectors(gen, ctx.encoder, _item_prompts(ctx), max_items=ctx.settings.student.prompt_max_items,
                                 name=label, generator_id=gen_id,
-                                cache_dir=ctx.settings.data_dir / "eval-rationales",
+                                cache_dir=ctx.settings.data.data_dir / "eval-rationales",
                                 progress=lambda msg: ctx.progress(msg, -1, -1))
 
     return ctx.shared(f"rationales:{generator}", build)
@@ -111,7 +110,7 @@ def build_slim_method(key: str, ctx: EvalContext) -> Ranker:
         return TextRanker(ctx.item_vectors(), vecs, name=vecs.name)
     if key == "sasrec+text-mean":
         item_vecs = ctx.item_vectors()
-        uv = HistoryMeanVectors(item_vecs, max_items=ctx.settings.prompt_max_items)
+        uv = HistoryMeanVectors(item_vecs, max_items=ctx.settings.student.prompt_max_items)
         return FusionRanker(ctx.fitted_sasrec(), uv, item_vecs, name="SASRec + item-text mean (control)",
                             fit_users=ctx.sample, base_fitted=True)
     if key.startswith("sasrec+slim-"):

@@ -184,7 +184,7 @@ class OnnxMiniLMEncoder:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.model_dir = Path(settings.encoder_model_dir) if settings.encoder_model_dir else default_model_dir()
+        self.model_dir = Path(settings.encoder.model_dir) if settings.encoder.model_dir else default_model_dir()
         if not (self.model_dir / "config.json").is_file() or not (self.model_dir / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{self.model_dir}: not a sentence-transformers model directory "
                                     "(config.json and tokenizer.json expected)")
@@ -193,10 +193,10 @@ class OnnxMiniLMEncoder:
         self.max_length = self._max_seq_length()
         self._check_pooling()
         # The name is cosmetic (the hash identifies the model); a custom directory is named after itself.
-        name = MODEL_NAME if settings.encoder_model_dir is None else _slug(self.model_dir.name)
+        name = MODEL_NAME if settings.encoder.model_dir is None else _slug(self.model_dir.name)
         digest = _model_hash(self.model_dir)
         self.version: str = f"{name}-{digest[:12]}"
-        self.onnx_path: Path = Path(settings.data_dir) / "encoder" / f"{name}-{digest[:16]}.onnx"
+        self.onnx_path: Path = Path(settings.data.data_dir) / "encoder" / f"{name}-{digest[:16]}.onnx"
         self.exported = False
         self._lock = threading.Lock()
         self._session: onnxruntime.InferenceSession | None = None
@@ -257,7 +257,7 @@ class OnnxMiniLMEncoder:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.intra_op_num_threads = self.settings.encoder_threads
+        so.intra_op_num_threads = self.settings.encoder.threads
         so.log_severity_level = 3
         providers = ["CPUExecutionProvider"]
         if "CUDAExecutionProvider" in ort.get_available_providers():
@@ -280,7 +280,7 @@ class OnnxMiniLMEncoder:
         encodings = self._tokenizer.encode_batch(list(texts))
         # Batch texts of similar length together: less padding, and padding does not change the result.
         order = sorted(range(n), key=lambda i: len(encodings[i].ids))
-        bs = self.settings.encoder_batch_size
+        bs = self.settings.encoder.batch_size
         for start in range(0, n, bs):
             idx = order[start:start + bs]
             width = max(len(encodings[i].ids) for i in idx)

@@ -32,7 +32,7 @@ import numpy as np
 
 from models.serving.backend import END_OF_TURN, Generation
 from models.student_base import adapter_digest, adapter_name, postprocess_rationale, student_gguf_path
-from streams.settings import Settings, get_settings
+from streams.settings import Settings
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -157,26 +157,26 @@ class LlamaCppStudent:
     the base through that same export too (for a like-for-like comparison with a distilled student).
     """
 
-    def __init__(self, settings: Settings | None = None, *, adapter_dir: str | os.PathLike[str] | None = None,
+    def __init__(self, settings: Settings, *, adapter_dir: str | os.PathLike[str] | None = None,
                  gguf: str | os.PathLike[str] | None = None, requantize: bool = False) -> None:
-        self.settings = settings or get_settings()
+        self.settings = settings
         started = time.perf_counter()
         if adapter_dir is not None or requantize:
             path = export_student_gguf(self.settings, adapter_dir)
-            self.model_version = (self.settings.student_model_version if adapter_dir is None
-                                  else f"{self.settings.student_model_version}+{adapter_name(adapter_dir)}")
+            self.model_version = (self.settings.student.model_version if adapter_dir is None
+                                  else f"{self.settings.student.model_version}+{adapter_name(adapter_dir)}")
         else:
             path = Path(gguf) if gguf is not None else student_gguf_path(self.settings)
-            self.model_version = self.settings.student_model_version
+            self.model_version = self.settings.student.model_version
         self.gguf = path
-        self.chat = LlamaCppChatBackend(path, model_id=self.model_version, threads=self.settings.student_threads,
-                                        deadline_s=self.settings.student_deadline_s)
+        self.chat = LlamaCppChatBackend(path, model_id=self.model_version, threads=self.settings.student.threads,
+                                        deadline_s=self.settings.student.deadline_s)
         self.load_seconds = time.perf_counter() - started
 
     def generate(self, batch: Sequence[list[dict[str, str]]]) -> list[str]:
         out = []
         for messages in batch:
-            g = self.chat.complete(messages, max_tokens=self.settings.student_max_new_tokens)[0]
+            g = self.chat.complete(messages, max_tokens=self.settings.student.max_new_tokens)[0]
             out.append(postprocess_rationale(g.text, truncated=g.finish_reason == "length"))
         return out
 
@@ -309,7 +309,7 @@ def export_student_gguf(settings: Settings, adapter_dir: str | os.PathLike[str] 
         name = adapter_name(adapter_dir)
     else:
         name = "base"
-    out_dir = Path(settings.data_dir) / "student-gguf"
+    out_dir = Path(settings.data.data_dir) / "student-gguf"
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / f"{name}-{h.hexdigest()[:12]}-{quant}.gguf"
     with FileLock(str(out) + ".lock"):
@@ -325,7 +325,7 @@ def export_student_gguf(settings: Settings, adapter_dir: str | os.PathLike[str] 
         write_gguf_like(base_gguf, model.state_dict(), f32, n_head=cfg.num_attention_heads,
                         n_kv_head=cfg.num_key_value_heads)
         try:
-            quantize_gguf(f32, out, quant, threads=max(1, settings.student_threads))
+            quantize_gguf(f32, out, quant, threads=max(1, settings.student.threads))
         finally:
             f32.unlink(missing_ok=True)
         out.with_suffix(".json").write_text(

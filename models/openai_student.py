@@ -1,6 +1,6 @@
 """The student on an OpenAI-compatible server: vLLM on a GPU (``SLIMSTREAM_STUDENT_BACKEND=openai``).
 
-The base model is served under ``student_served_model``; a distilled registry version is a LoRA adapter that
+The base model is served under ``student.served_model``; a distilled registry version is a LoRA adapter that
 the server loads at run time (vLLM: ``--enable-lora`` and ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``) through
 ``POST /v1/load_lora_adapter {"lora_name", "lora_path"}`` and then serves as a model of that name. A hot swap
 is therefore one small HTTP call and no weights move through the worker: :class:`OpenAIStudent` for a version
@@ -14,10 +14,11 @@ makes sure the server has the adapter, checks ``/v1/models`` lists it, and sends
 - A server that restarted has forgotten its adapters: a 404 for the adapter's name re-loads it once and
   retries.
 - ``lora_path`` must be a path *on the server*: the registry directory as the server mounts it
-  (``student_lora_root``; default: the same path as here, as with the shared volume in docker-compose.yml).
+  (``student.lora_root``; default: the same path as here, as with the shared volume in docker-compose.yml).
 
-Requests reuse the teacher's OpenAI client (explicit ``httpx.Timeout``, bounded concurrency, retries with
-backoff on timeouts / 429 / 5xx). ``generate`` blocks like every student backend: the worker runs it in its
+Requests go through the OpenAI-compatible chat client (:mod:`models.openai_client`: explicit ``httpx.Timeout``,
+bounded concurrency, retries with backoff on timeouts / 429 / 5xx) with an endpoint built from the ``student``
+settings section. ``generate`` blocks like every student backend: the worker runs it in its
 student pool under a deadline.
 """
 
@@ -33,8 +34,8 @@ from pathlib import Path
 import httpx
 
 from models.student_base import StudentError, adapter_digest, adapter_name, postprocess_rationale
-from models.teacher import TeacherClient, TeacherConfig, TeacherError, TeacherRequestError, api_headers
-from streams.settings import Settings, get_settings
+from models.openai_client import ChatClient, ChatError, ChatRequestError, api_headers
+from streams.settings import ChatEndpoint, Settings
 
 log = logging.getLogger(__name__)
 
@@ -52,40 +53,40 @@ class OpenAIStudent:
     """SLIM rationales from a model on an OpenAI-compatible server; ``adapter_dir``: a registry adapter the
     server serves as a LoRA adapter (loaded here if it has not got it yet)."""
 
-    def __init__(self, settings: Settings | None = None, *, adapter_dir: str | os.PathLike[str] | None = None,
+    def __init__(self, settings: Settings, *, adapter_dir: str | os.PathLike[str] | None = None,
                  transport: httpx.BaseTransport | None = None) -> None:
-        self.settings = s = settings or get_settings()
+        self.settings = s = settings
         started = time.perf_counter()
-        self.base_model = s.student_served_model or s.student_model_version
-        self._http = httpx.Client(base_url=s.student_url.rstrip("/") + "/", headers=api_headers(s.student_api_key),
+        self.base_model = s.student.served_model or s.student.model_version
+        self._http = httpx.Client(base_url=s.student.url.rstrip("/") + "/", headers=api_headers(s.student.api_key),
                                   transport=transport,
-                                  timeout=httpx.Timeout(s.student_deadline_s, connect=s.student_connect_timeout_s))
+                                  timeout=httpx.Timeout(s.student.deadline_s, connect=s.student.connect_timeout_s))
         self.lora_name: str | None = None
         self.lora_path: str | None = None
         if adapter_dir is None:
             self.request_model = self.base_model
-            self.model_version = s.student_model_version
+            self.model_version = s.student.model_version
         else:
             name = adapter_name(adapter_dir)
             self.lora_name = f"{name}-{adapter_digest(adapter_dir)[:12]}"
             self.lora_path = self.server_path(Path(adapter_dir))
             self.request_model = self.lora_name
-            self.model_version = f"{s.student_model_version}+{name}"
+            self.model_version = f"{s.student.model_version}+{name}"
             self.load_adapter()
         served = self.served_models()
         if self.request_model not in served:
-            raise StudentError(f"the student server at {s.student_url} does not serve {self.request_model!r} "
+            raise StudentError(f"the student server at {s.student.url} does not serve {self.request_model!r} "
                                f"(it serves {sorted(served)})")
         self.load_seconds = time.perf_counter() - started
 
     # -- adapters ------------------------------------------------------------------------------------------
 
     def server_path(self, adapter_dir: Path) -> str:
-        """``adapter_dir`` as the server sees it: re-rooted under ``student_lora_root`` when it lies in the
+        """``adapter_dir`` as the server sees it: re-rooted under ``student.lora_root`` when it lies in the
         local registry, else unchanged."""
         from streams.registry import ModelRegistry
 
-        root = self.settings.student_lora_root
+        root = self.settings.student.lora_root
         if not root:
             return str(adapter_dir.resolve())
         local_root = ModelRegistry.for_settings(self.settings).root.resolve()
@@ -101,7 +102,7 @@ class OpenAIStudent:
         try:
             r = self._http.post("load_lora_adapter", json={"lora_name": self.lora_name, "lora_path": self.lora_path})
         except httpx.HTTPError as exc:
-            raise LoraAdapterError(f"student server at {self.settings.student_url}: {type(exc).__name__}: {exc}") from exc
+            raise LoraAdapterError(f"student server at {self.settings.student.url}: {type(exc).__name__}: {exc}") from exc
         if r.status_code == 200 or _already_loaded(r):
             log.info("student server has LoRA adapter %s (%s)", self.lora_name,
                      "loaded now" if r.status_code == 200 else "already loaded")
@@ -115,7 +116,7 @@ class OpenAIStudent:
             r.raise_for_status()
             return {m["id"] for m in r.json()["data"]}
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
-            raise StudentError(f"student server at {self.settings.student_url}: cannot list models: {exc}") from exc
+            raise StudentError(f"student server at {self.settings.student.url}: cannot list models: {exc}") from exc
 
     # -- generation ----------------------------------------------------------------------------------------
 
@@ -125,7 +126,7 @@ class OpenAIStudent:
             return []
         try:
             return asyncio.run(self._generate(batch))
-        except TeacherRequestError as exc:
+        except ChatRequestError as exc:
             if exc.status != 404 or self.lora_name is None:
                 raise StudentError(f"student server refused the request: {exc}") from exc
         # 404 for our adapter: the server restarted and forgot it. Load it again and retry once.
@@ -133,28 +134,26 @@ class OpenAIStudent:
         self.load_adapter()
         try:
             return asyncio.run(self._generate(batch))
-        except TeacherError as exc:
+        except ChatError as exc:
             raise StudentError(f"student server failed after re-loading {self.lora_name}: {exc}") from exc
 
     async def _generate(self, batch: Sequence[list[dict[str, str]]]) -> list[str]:
-        s = self.settings
-        config = TeacherConfig(
-            teacher_url=s.student_url, teacher_api_key=s.student_api_key, teacher_model=self.request_model,
-            teacher_max_concurrency=max(1, min(len(batch), s.student_batch_size)),
-            teacher_timeout_s=s.student_deadline_s, teacher_connect_timeout_s=s.student_connect_timeout_s,
-            teacher_max_retries=2, teacher_backoff_base_s=0.2, teacher_backoff_max_s=2.0,
-            teacher_max_tokens=s.student_max_new_tokens,
+        s = self.settings.student
+        endpoint = ChatEndpoint(
+            url=s.url, api_key=s.api_key, model=self.request_model, max_concurrency=max(1, min(len(batch), s.batch_size)),
+            timeout_s=s.deadline_s, connect_timeout_s=s.connect_timeout_s,
+            max_retries=2, backoff_base_s=0.2, backoff_max_s=2.0, max_tokens=s.max_new_tokens,
         )
         # One client per batch: an httpx.AsyncClient belongs to the event loop it was used on, and each
         # batch runs on its own short-lived loop in a student-pool thread.
-        async with TeacherClient(config) as client:
+        async with ChatClient(endpoint, name="student server") as client:
             try:
                 results = await asyncio.gather(*(client.complete_detailed(m, n=1, temperature=0.0, seed=0)
                                                  for m in batch))
-            except TeacherRequestError:
+            except ChatRequestError:
                 raise
-            except TeacherError as exc:
-                raise StudentError(f"student server at {s.student_url}: {exc}") from exc
+            except ChatError as exc:
+                raise StudentError(f"student server at {s.url}: {exc}") from exc
         return [postprocess_rationale(r.texts[0], truncated=r.finish_reasons[0] == "length") for r in results]
 
     def close(self) -> None:

@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from models.student_base import adapter_name, gguf_path, postprocess_rationale
-from streams.settings import Settings, get_settings
+from models.student_base import adapter_name, student_gguf_path, postprocess_rationale
+from streams.settings import Settings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -46,7 +46,7 @@ def _cache_dir(settings: Settings, gguf: Path) -> Path:
     st = gguf.stat()
     ident = f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}|float32|{_CACHE_FORMAT}"
     key = hashlib.sha256(ident.encode()).hexdigest()[:12]
-    return Path(settings.data_dir) / "student" / f"{gguf.stem}-{key}"
+    return Path(settings.data.data_dir) / "student" / f"{gguf.stem}-{key}"
 
 
 def _valid_cache(path: Path) -> bool:
@@ -54,21 +54,19 @@ def _valid_cache(path: Path) -> bool:
 
 
 def load_base_model(
-    settings: Settings | None = None, *, use_cache: bool = True
+    settings: Settings, *, use_cache: bool = True
 ) -> tuple[PreTrainedTokenizerBase, PreTrainedModel, str]:
     """``(tokenizer, model, loaded_from)``: the de-quantized float32 base model, through the same GGUF /
     safetensors-cache path as :class:`TransformersStudent` (``loaded_from`` is ``"gguf"`` or ``"cache"``).
     The model is returned as loaded (no special-token set-up, not in eval mode): distillation trains it.
     """
-    settings = settings or get_settings()
-    return TransformersStudent._load_weights(settings, gguf_path(settings), use_cache)
+    return TransformersStudent._load_weights(settings, student_gguf_path(settings), use_cache)
 
 
-def export_base_model(settings: Settings | None, out: str | os.PathLike[str]) -> Path:
+def export_base_model(settings: Settings, out: str | os.PathLike[str]) -> Path:
     """Write the de-quantized base student to ``out`` as a Hugging Face model directory (what vLLM serves, with
     registry adapters as LoRA adapters on top). The GGUF's tokenizer names ``<|im_start|>`` as EOS; the export
     names ``<|im_end|>`` (the end of an assistant turn), so a server that stops on EOS stops where we do."""
-    settings = settings or get_settings()
     target = Path(out)
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} exists and is not empty")
@@ -116,28 +114,28 @@ class TransformersStudent:
 
     def __init__(
         self,
-        settings: Settings | None = None,
+        settings: Settings,
         *,
         adapter_dir: str | os.PathLike[str] | None = None,
         use_cache: bool = True,
     ) -> None:
         import torch
 
-        self.settings = settings or get_settings()
+        self.settings = settings
         self._lock = threading.Lock()
-        torch.set_num_threads(self.settings.student_threads)
+        torch.set_num_threads(self.settings.student.threads)
 
         started = time.perf_counter()
-        gguf = gguf_path(self.settings)
+        gguf = student_gguf_path(self.settings)
         tokenizer, model, self.loaded_from = self._load(gguf, use_cache)
         if adapter_dir is not None:
             from peft import PeftModel  # optional dependency: only the distilled student needs it
 
             adapter = Path(adapter_dir)
             model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-            self.model_version = f"{self.settings.student_model_version}+{adapter_name(adapter)}"
+            self.model_version = f"{self.settings.student.model_version}+{adapter_name(adapter)}"
         else:
-            self.model_version = self.settings.student_model_version
+            self.model_version = self.settings.student.model_version
         model.eval()
         self.model: PreTrainedModel = model
         self.tokenizer: PreTrainedTokenizerBase = tokenizer
@@ -254,7 +252,7 @@ class TransformersStudent:
         if not batch:
             return []
         out: list[str] = []
-        size = self.settings.student_batch_size
+        size = self.settings.student.batch_size
         with self._lock:
             for i in range(0, len(batch), size):
                 out.extend(self._generate_locked(batch[i : i + size]))
@@ -268,7 +266,7 @@ class TransformersStudent:
             for messages in batch
         ]
         enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        max_new = self.settings.student_max_new_tokens
+        max_new = self.settings.student.max_new_tokens
         with torch.inference_mode():
             generated = self.model.generate(
                 **enc,
@@ -276,7 +274,7 @@ class TransformersStudent:
                 max_new_tokens=max_new,
                 eos_token_id=self._stop_ids,
                 pad_token_id=self._pad_id,
-                max_time=self.settings.student_deadline_s,
+                max_time=self.settings.student.deadline_s,
             )
         new_tokens = generated[:, enc["input_ids"].shape[1] :]
         results = []

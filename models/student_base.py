@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from streams.packaged import packaged_path
-from streams.settings import Settings, get_settings
+from streams.settings import Settings
 
 
 class StudentError(RuntimeError):
@@ -92,17 +92,14 @@ def default_model_dir() -> Path:
                          "to a directory holding the GGUF")
 
 
-def gguf_path(settings: Settings) -> Path:
-    model_dir = Path(settings.student_model_dir) if settings.student_model_dir else default_model_dir()
-    path = model_dir / settings.student_gguf_file
+def student_gguf_path(settings: Settings) -> Path:
+    """The student's GGUF file (``student.model_dir`` / ``student.gguf_file``); raises if it is missing."""
+    model_dir = Path(settings.student.model_dir) if settings.student.model_dir else default_model_dir()
+    path = model_dir / settings.student.gguf_file
     if not path.is_file():
         raise FileNotFoundError(f"student GGUF not found: {path}")
     return path
 
-
-def student_gguf_path(settings: Settings | None = None) -> Path:
-    """The student's GGUF file (``student_model_dir`` / ``student_gguf_file``); raises if it is missing."""
-    return gguf_path(settings or get_settings())
 
 
 def adapter_digest(adapter_dir: str | os.PathLike[str]) -> str:
@@ -131,7 +128,6 @@ __all__ = [
     "adapter_digest",
     "adapter_name",
     "default_model_dir",
-    "gguf_path",
-    "postprocess_rationale",
+        "postprocess_rationale",
     "student_gguf_path",
 ]

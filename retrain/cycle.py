@@ -8,16 +8,16 @@ a. **Drifted users.** The events become per-user, time-ordered sequences (items 
    recent events are ranked by the Jensen-Shannon divergence between their recent genre mix and the serving
    version's reference (``<registry>/<CURRENT>/drift_reference.json``; else the genre mix of the windows the
    serving version was trained on; for the base model, the mix of all recent events) and capped at
-   ``retrain_max_users``.
-b. **Split.** A seeded ``retrain_holdout_users`` share of them is held out for evaluation only. For every
+   ``retrain.max_users``.
+b. **Split.** A seeded ``retrain.holdout_users`` share of them is held out for evaluation only. For every
    training user, the last ``holdout`` events are left out too; of the rest, the last ``targets`` events
-   are the targets and the ``window`` events before them the window. The teacher writes ``retrain_samples``
+   are the targets and the ``window`` events before them the window. The teacher writes ``retrain.samples``
    rationales of the stream's SLIM prompt per window and the one whose embedding best retrieves the targets
    is kept (:func:`retrain.rationales.teacher_record`, the offline job's code). The records are a versioned
    ``RationaleRecord`` JSONL dataset: ``<registry>/data/<dataset_version>.jsonl`` (+ ``.meta.json``).
 c. **Continue-training.** The CURRENT adapter (or a fresh one on the base model) is trained for
-   ``retrain_max_steps`` steps on the new records plus a seeded replay sample of earlier records
-   (``retrain_replay_fraction`` per new record, from the datasets in the serving version's manifest; never
+   ``retrain.max_steps`` steps on the new records plus a seeded replay sample of earlier records
+   (``retrain.replay_fraction`` per new record, from the datasets in the serving version's manifest; never
    a held-out user's), so older behaviour is not forgotten.
 d. **Evaluation.** For each held-out user: window = the ``window`` events before their last ``holdout``
    events, targets = those last events. The serving and the candidate student each write one greedy
@@ -29,8 +29,8 @@ e. **Gate and registry.** :func:`retrain.gate.gate` compares the two; the candid
    topic offsets), the drift reason, both models' metrics, the gate decision and the datasets. Only a
    passing candidate is promoted (and ``publish(action="promote", ...)`` is called); a rejected one stays in
    the registry, unpromoted, its manifest saying why. Every version gets a ``drift_reference.json``: the genre
-   mix of the last ``drift_window_events`` events the cycle read and the centroid of its held-out rationales
-   with their count (workers use that centroid only when it rests on ``drift_min_events`` rationales, and
+   mix of the last ``drift.window_events`` events the cycle read and the centroid of its held-out rationales
+   with their count (workers use that centroid only when it rests on ``drift.min_events`` rationales, and
    otherwise take the new student's first ones).
 
 :func:`retrain_once` wraps it for the CLI: it reads the events that arrived since the last cycle, from the
@@ -80,12 +80,12 @@ from retrain.rationales import (
 )
 from streams.registry import ADAPTER, ModelRegistry, utc_now, write_text_atomic
 from streams.datasets import Item, load_interactions, load_items
-from streams.settings import Settings
+from streams.settings import ChatEndpoint, Settings
 
 if TYPE_CHECKING:
     from models.encoder import TextEncoder
     from models.student_base import StudentBackend
-    from models.teacher import TeacherClient, TeacherConfig
+    from models.openai_client import ChatClient
     from retrain.distill import DistillConfig
 
 log = logging.getLogger(__name__)
@@ -230,9 +230,9 @@ async def load_recent_from_kafka(settings: Settings, state: RetrainState, max_ev
 
     from streams.events import InteractionEvent
 
-    topic = settings.topic_interactions
+    topic = settings.kafka.topic_interactions
     source = f"kafka:{topic}"
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest")
     await consumer.start()
     try:
@@ -407,7 +407,7 @@ def _prompt_items(events: Sequence[RecentEvent], catalogue: Mapping[str, Item]) 
 
 def stream_messages(events: Sequence[RecentEvent], catalogue: Mapping[str, Item], settings: Settings) -> list[dict[str, str]]:
     """The SLIM prompt the stream sends for this window (titles, years, genres, event types and values)."""
-    return build_slim_messages(_prompt_items(events, catalogue), settings.prompt_max_items)
+    return build_slim_messages(_prompt_items(events, catalogue), settings.student.prompt_max_items)
 
 
 def heldout_metrics(rationale_vecs: np.ndarray, item_vecs: np.ndarray, windows: Sequence[Sequence[int]],
@@ -531,7 +531,7 @@ def run_cycle(
     *,
     events: Iterable[Any],
     catalogue: Mapping[str, Item] | Iterable[Item],
-    teacher: TeacherClient | TeacherConfig | Callable[[], TeacherClient] | None = None,
+    teacher: ChatClient | ChatEndpoint | Callable[[], ChatClient] | None = None,
     encoder: TextEncoder | Callable[[], TextEncoder] | None = None,
     registry: ModelRegistry | None = None,
     drift_reason: Any = None,
@@ -547,7 +547,7 @@ def run_cycle(
     (or in a thread). Events: anything with ``user_id``, ``item_id``, ``timestamp`` (``value``/``rating``,
     ``event_type``, ``partition``, ``offset`` used when present).
 
-    ``teacher``: a :class:`TeacherClient` not yet used in another event loop, a :class:`TeacherConfig` or a
+    ``teacher``: a :class:`~models.openai_client.ChatClient` not yet used in another event loop, an endpoint or a
     factory (default: from the settings, answers cached under ``<data_dir>/teacher-cache``). ``encoder``: a
     text encoder or a factory (default: :func:`models.encoder.load_encoder`). ``drift_reason``: the
     :class:`~streams.drift.DriftDecision` (or its JSON) that triggered the cycle; None: ``"scheduled"``.
@@ -564,8 +564,8 @@ def run_cycle(
     events = list(events)
     data_window = data_window or DataWindow.of_events(events)
     reason_json = drift_reason_json(drift_reason)
-    window = settings.retrain_window_size or settings.window_size
-    n_targets, holdout = settings.retrain_targets, settings.retrain_holdout_events
+    window = settings.retrain.window_size or settings.worker.window_size
+    n_targets, holdout = settings.retrain.targets, settings.retrain.holdout_events
     need = window + n_targets + holdout
     parent = registry.current()
 
@@ -579,13 +579,13 @@ def run_cycle(
     # a. drifted users ------------------------------------------------------------------------------------
     sequences, unknown = user_sequences(events, cat)
     reference, reference_source = current_reference(registry, cat, (e.item_id for e in events))
-    ranked, eligible = rank_drifted_users(sequences, reference, need, cat, max_users or settings.retrain_max_users)
+    ranked, eligible = rank_drifted_users(sequences, reference, need, cat, max_users or settings.retrain.max_users)
     if len(ranked) < 2:
         return done("skipped", f"{eligible} user(s) with at least {need} recent events (window {window} + targets "
                                f"{n_targets} + held out {holdout}); a cycle needs 2", eligible_users=eligible,
                     reference=reference_source)
     users = [u for u, _ in ranked]
-    train_users, heldout_users = split_heldout(users, settings.retrain_holdout_users, settings.retrain_seed)
+    train_users, heldout_users = split_heldout(users, settings.retrain.holdout_users, settings.retrain.seed)
     say(f"{len(events)} events ({unknown} outside the catalogue), {eligible} eligible users; "
         f"{len(train_users)} to train on, {len(heldout_users)} held out (drift vs {reference_source})")
 
@@ -608,7 +608,7 @@ def run_cycle(
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     dataset_version = f"retrain-{stamp}-{uuid.uuid4().hex[:6]}"
     dataset_path = data_dir / f"{dataset_version}.jsonl"
-    vecs_cache = Path(settings.data_dir) / "item-vectors"
+    vecs_cache = Path(settings.data.data_dir) / "item-vectors"
     vecs = item_vectors(item_ids, cat, enc, vecs_cache)
     records, teacher_id, teacher_stats = asyncio.run(_teacher_records(
         settings, teacher, windows, item_ids, cat, enc, vecs, window, dataset_version))
@@ -616,8 +616,8 @@ def run_cycle(
     meta = {"dataset_version": dataset_version, "format": DATASET_FORMAT, "teacher": teacher_id,
             "encoder": getattr(enc, "version", type(enc).__name__), "data_window": data_window.model_dump(mode="json"),
             "parameters": {"window_size": window, "targets": n_targets, "holdout_events": holdout,
-                           "samples": settings.retrain_samples, "temperature": settings.retrain_temperature,
-                           "prompt_version": PROMPT_VERSION, "prompt_max_items": settings.prompt_max_items},
+                           "samples": settings.retrain.samples, "temperature": settings.retrain.temperature,
+                           "prompt_version": PROMPT_VERSION, "prompt_max_items": settings.student.prompt_max_items},
             "counts": {"records": len(records), "windows": len(windows), "empty": len(windows) - len(records)},
             "users": {"train": train_users, "held_out": heldout_users},
             "teacher_stats": teacher_stats, "created_at": utc_now()}
@@ -630,8 +630,8 @@ def run_cycle(
 
     # c. continue-train the current adapter on new + replayed records -----------------------------------------
     pool, replay_versions = _replay_pool(registry, parent, set(heldout_users))
-    n_replay = min(len(pool), round(settings.retrain_replay_fraction * len(records)))
-    replay = random.Random(settings.retrain_seed).sample(pool, n_replay) if n_replay else []
+    n_replay = min(len(pool), round(settings.retrain.replay_fraction * len(records)))
+    replay = random.Random(settings.retrain.seed).sample(pool, n_replay) if n_replay else []
     train_path = data_dir / f"{dataset_version}.train.jsonl"
     write_records(train_path, records + replay, append=False)
     scratch = registry.root / f".cycle-{uuid.uuid4().hex[:12]}"
@@ -659,7 +659,7 @@ def run_cycle(
         candidate_m = dict(candidate_metrics) if candidate_metrics is not None else measured
 
         # e. gate, publish, promote ----------------------------------------------------------------------
-        decision = gate(candidate_m, current_m, settings.retrain_gate_margin, settings.retrain_gate_metric)
+        decision = gate(candidate_m, current_m, settings.retrain.gate_margin, settings.retrain.gate_metric)
         manifest = json.loads((candidate_dir / "manifest.json").read_text(encoding="utf-8"))
         new_ds = {"version": dataset_version, "path": _rel(dataset_path, registry.root), "records": len(records)}
         lineage = [new_ds] + [d for d in version_datasets(registry, parent) if d.get("path") != new_ds["path"]]
@@ -706,7 +706,7 @@ def run_cycle(
     # last drift_window_events events in arrival order (all users), the same span the workers' live mix covers.
     # Training windows (and the replayed ones) end before the users' latest events, so after a shift they are
     # still mostly pre-shift, and a reference built from them kept the genre signal firing after a promotion.
-    recent_items = [e.item_id for e in latest_in_stream_order(events, settings.drift_window_events)]
+    recent_items = [e.item_id for e in latest_in_stream_order(events, settings.drift.window_events)]
     written = candidate_vecs[np.linalg.norm(candidate_vecs, axis=1) > 0]
     mean = written.mean(axis=0) if len(written) else None
     has_centroid = mean is not None and float(np.linalg.norm(mean)) > 0
@@ -754,20 +754,22 @@ def _load_encoder(settings: Settings) -> TextEncoder:
 async def _teacher_records(settings: Settings, teacher: Any, windows: Sequence[tuple[str, RationaleWindow, list]],
                            item_ids: Sequence[str], catalogue: dict[str, Item], encoder: Any, vecs: np.ndarray,
                            window_size: int, dataset_version: str) -> tuple[list[RationaleRecord], str, dict[str, Any]]:
-    from models.teacher import TeacherClient, TeacherConfig
+    from models.openai_client import ChatClient
+    from models.teacher import open_teacher, teacher_cache_dir
+    from models.teacher import teacher_id as name_teacher
 
-    owned = not isinstance(teacher, TeacherClient)
+    owned = not isinstance(teacher, ChatClient)
     if teacher is None:
-        teacher = TeacherConfig.from_settings(settings)
-    if isinstance(teacher, TeacherConfig):
-        client = TeacherClient(teacher, cache_dir=Path(settings.data_dir) / "teacher-cache")
-    elif isinstance(teacher, TeacherClient):
+        client = open_teacher(settings)
+    elif isinstance(teacher, ChatEndpoint):
+        client = ChatClient(teacher, cache_dir=teacher_cache_dir(settings.data.data_dir), name="teacher")
+    elif isinstance(teacher, ChatClient):
         client = teacher
     else:
         client = teacher()
     cfg = client.config
-    teacher_id = f"{cfg.teacher_model}@{cfg.teacher_url}"
-    limit = asyncio.Semaphore(2 * cfg.teacher_max_concurrency)
+    teacher_id = name_teacher(cfg)
+    limit = asyncio.Semaphore(2 * cfg.max_concurrency)
 
     async def item_vecs() -> np.ndarray:
         return vecs
@@ -776,9 +778,9 @@ async def _teacher_records(settings: Settings, teacher: Any, windows: Sequence[t
         async with limit:
             return await teacher_record(
                 w, user_id=user, item_ids=item_ids, catalogue=catalogue, teacher=client, encoder=encoder,
-                item_vecs=item_vecs, samples=settings.retrain_samples, window_size=window_size,
-                temperature=settings.retrain_temperature, max_tokens=settings.retrain_teacher_max_tokens,
-                seed=settings.retrain_seed, teacher_id=teacher_id, dataset_version=dataset_version,
+                item_vecs=item_vecs, samples=settings.retrain.samples, window_size=window_size,
+                temperature=settings.retrain.temperature, max_tokens=settings.retrain.teacher_max_tokens,
+                seed=settings.retrain.seed, teacher_id=teacher_id, dataset_version=dataset_version,
                 messages=messages)
 
     try:
@@ -793,9 +795,9 @@ def _distill(settings: Settings, train_path: Path, scratch: Path, parent: str | 
              config: DistillConfig | None, data_version: str):  # type: ignore[no-untyped-def]
     from retrain.distill import DistillConfig, distill
 
-    config = config or DistillConfig(max_steps=settings.retrain_max_steps, lr=settings.retrain_lr,
-                                     batch_size=settings.retrain_batch_size, max_seq_len=settings.retrain_max_seq_len,
-                                     val_fraction=0.0, seed=settings.retrain_seed)
+    config = config or DistillConfig(max_steps=settings.retrain.max_steps, lr=settings.retrain.lr,
+                                     batch_size=settings.retrain.batch_size, max_seq_len=settings.retrain.max_seq_len,
+                                     val_fraction=0.0, seed=settings.retrain.seed)
     resume = registry.adapter_dir(parent) if parent is not None else None
     return distill(train_path, settings, registry=ModelRegistry(scratch), config=config, resume_from=resume,
                    version="candidate", data_version=data_version)
@@ -849,7 +851,7 @@ def retrain_once(
     """Read the events since the last cycle (``data``: a dataset, else the interactions topic), run one cycle
     on them, and store the new offsets once a candidate was built from them (not on a dry run, not when the
     cycle was skipped: those events are read again, with the newer ones, next time). The catalogue is
-    ``data``'s, else ``settings.dataset``'s."""
+    ``data``'s, else ``settings.data.dataset``'s."""
     from filelock import FileLock, Timeout
 
     registry = registry or ModelRegistry.for_settings(settings)
@@ -876,12 +878,12 @@ def _retrain_locked(settings: Settings, registry: ModelRegistry, *, data: str | 
                     max_events: int | None, distill_config: DistillConfig | None,
                     candidate_metrics: Mapping[str, float] | None, progress: Progress | None) -> CycleResult:
     state = RetrainState.for_registry(registry)
-    cap = max_events or settings.retrain_max_events
+    cap = max_events or settings.retrain.max_events
     if data is not None:
         recent = load_recent_from_dataset(data, state, cap)
     else:
         recent = asyncio.run(load_recent_from_kafka(settings, state, cap))
-    catalogue = load_items(data if data is not None else settings.dataset)
+    catalogue = load_items(data if data is not None else settings.data.dataset)
     result = run_cycle(settings, events=recent.events, catalogue=catalogue, teacher=teacher, encoder=encoder,
                        registry=registry, drift_reason=drift_reason, publish=publish, data_window=recent.window,
                        dry_run=dry_run, max_users=max_users, distill_config=distill_config,
@@ -913,8 +915,7 @@ def parse_duration(text: str) -> float:
 
 
 def drift_topic_name(settings: Settings) -> str:
-    return (getattr(settings, "topic_drift", None) or getattr(settings, "drift_topic", None)
-            or "slimstream.drift")
+    return settings.kafka.topic_drift
 
 
 def parse_drift_message(value: bytes) -> Any:
@@ -942,7 +943,7 @@ async def watch_drift(settings: Settings, on_decision: Callable[[Any], None],
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     topic = drift_topic_name(settings)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap_servers, group_id=None,
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None,
                                 enable_auto_commit=False)
     await consumer.start()
     try:

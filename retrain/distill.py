@@ -36,7 +36,7 @@ from models.serving.backend import END_OF_TURN as STOP_TOKENS
 from retrain.dataset import RationaleRecord, read_records
 from streams.packaged import sha256_file
 from streams.registry import ADAPTER, MANIFEST, MANIFEST_FORMAT, ModelRegistry, utc_now, validate_version
-from streams.settings import Settings, get_settings
+from streams.settings import Settings
 
 if TYPE_CHECKING:
     import torch
@@ -219,7 +219,7 @@ def base_model_info(settings: Settings) -> dict[str, Any]:
 
     gguf = student_gguf_path(settings)
     st = gguf.stat()
-    return {"model_version": settings.student_model_version, "gguf_file": gguf.name, "gguf_size": st.st_size,
+    return {"model_version": settings.student.model_version, "gguf_file": gguf.name, "gguf_size": st.st_size,
             "gguf_sha256": _gguf_sha256(str(gguf.resolve()), st.st_size, st.st_mtime_ns)}
 
 
@@ -302,7 +302,7 @@ def _resolve_resume(resume_from: str | os.PathLike[str], registry: ModelRegistry
 
 def distill(
     records_path: str | os.PathLike[str],
-    settings: Settings | None = None,
+    settings: Settings,
     *,
     registry: ModelRegistry | str | os.PathLike[str] | None = None,
     config: DistillConfig | None = None,
@@ -319,7 +319,7 @@ def distill(
     the optimizer starts fresh). ``version``: the new version's name (default: the next ``v<NNNN>``).
     ``data_version``: a label for the data (default: the records' ``dataset_version`` values).
     ``promote``: make the new version current. ``on_step(step, total_steps, loss)`` after every step.
-    Uses ``settings.student_threads`` torch threads and seeds torch's global RNG with ``config.seed``.
+    Uses ``settings.student.threads`` torch threads and seeds torch's global RNG with ``config.seed``.
     """
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -327,7 +327,6 @@ def distill(
     from models.student import load_base_model
 
     started = time.perf_counter()
-    settings = settings or get_settings()
     config = config or DistillConfig()
     if not isinstance(registry, ModelRegistry):
         registry = ModelRegistry(registry) if registry is not None else ModelRegistry.for_settings(settings)
@@ -347,7 +346,7 @@ def distill(
         if parent_base.get("gguf_sha256") not in (None, base_info["gguf_sha256"]):
             raise ValueError(f"resume_from {parent}: trained on another base model ({parent_base.get('gguf_file')})")
 
-    torch.set_num_threads(settings.student_threads)
+    torch.set_num_threads(settings.student.threads)
     torch.manual_seed(config.seed)
     tokenizer, model, loaded_from = load_base_model(settings)
     # A GGUF-loaded model carries the quantizer and its config; peft cannot save an adapter over it.
@@ -371,7 +370,7 @@ def distill(
         model = get_peft_model(model, lora_config)
         lora = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
                 "target_modules": sorted(config.target_modules)}
-    model.peft_config["default"].base_model_name_or_path = settings.student_model_version
+    model.peft_config["default"].base_model_name_or_path = settings.student.model_version
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     # -- data -------------------------------------------------------------------------------------------
@@ -467,7 +466,7 @@ def distill(
             "teachers": sorted({r.teacher for r in records}),
         },
         "hyperparameters": {**config.model_dump(mode="json"), "lora": lora, "trainable_params": trainable,
-                            "torch_threads": settings.student_threads},
+                            "torch_threads": settings.student.threads},
         "metrics": {
             "train_loss_first": losses[0],
             "train_loss_last": losses[-1],

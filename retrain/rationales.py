@@ -3,7 +3,7 @@
 For a seeded set of users of the leave-one-out split, one window each, built from **training items only**
 (the validation and test items are never shown to the teacher and never used as targets):
 
-* cut = ``len(train) - n_targets``; window = the ``window_size`` training items before the cut, targets = the
+* cut = ``len(train) - n_targets``; window = the ``worker.window_size`` training items before the cut, targets = the
   ``n_targets`` training items from the cut on (they come after every window item and before the
   validation/test items);
 * the teacher writes ``samples`` rationales for the SLIM prompt of the window (one request, ``n=samples``,
@@ -33,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from models.prompts import PROMPT_VERSION, build_slim_messages, prompt_items
-from models.teacher import TeacherClient, TeacherConfig
+from models.openai_client import ChatClient
+from models.teacher import teacher_id as name_teacher
 from retrain.dataset import DATASET_FORMAT, RationaleRecord
 from streams.splits import TrainingData, leave_one_out
 from streams.datasets import Item, item_text, load_interactions, load_items
@@ -60,7 +61,7 @@ class RationaleWindow:
 def make_window(train: Sequence[int], window_size: int, n_targets: int) -> tuple[list[int], list[int]] | None:
     """(window, targets) from one user's training sequence, or None when it is too short (fewer than
     ``n_targets + 1`` items). Targets are the last ``n_targets`` training items; the window is the
-    ``window_size`` items right before them."""
+    ``worker.window_size`` items right before them."""
     if window_size < 1 or n_targets < 1:
         raise ValueError("window_size and n_targets must be >= 1")
     seq = [int(i) for i in train]
@@ -159,7 +160,7 @@ async def teacher_record(
     user_id: str,
     item_ids: Sequence[str],
     catalogue: dict[str, Item],
-    teacher: TeacherClient,
+    teacher: ChatClient,
     encoder: Any,
     item_vecs: Callable[[], Awaitable[np.ndarray]],
     samples: int,
@@ -245,7 +246,7 @@ def _count_records(path: Path) -> int:
 async def generate_rationales(
     data: str,
     *,
-    teacher: TeacherClient,
+    teacher: ChatClient,
     encoder: Any,
     out_dir: Path,
     dataset_version: str | None = None,
@@ -261,18 +262,18 @@ async def generate_rationales(
 ) -> RationaleJobResult:
     """Write outcome-filtered rationales for ``n_users`` seeded users of ``data`` (see the module docstring).
     Raises ValueError for bad parameters or a dataset version made with other parameters, and the teacher's
-    :class:`models.teacher.TeacherError` when it cannot answer."""
+    :class:`models.openai_client.ChatError` when it cannot answer."""
     if samples < 1 or window_size < 1 or n_targets < 1 or (n_users is not None and n_users < 1):
         raise ValueError("users, samples, window size and targets must be >= 1")
     if temperature <= 0:
         raise ValueError("temperature must be > 0 (the samples must differ)")
-    cfg: TeacherConfig = teacher.config
-    version = dataset_version or default_dataset_version(data, cfg.teacher_model)
+    cfg = teacher.config
+    version = dataset_version or default_dataset_version(data, cfg.model)
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", version):
         raise ValueError(f"bad dataset version {version!r}: letters, digits, '.', '_' and '-' only")
-    teacher_id = f"{cfg.teacher_model}@{cfg.teacher_url}"
+    teacher_id = name_teacher(cfg)
     params = {"data": data, "samples": samples, "window_size": window_size, "targets": n_targets, "seed": seed,
-              "temperature": temperature, "max_tokens": max_tokens or cfg.teacher_max_tokens,
+              "temperature": temperature, "max_tokens": max_tokens or cfg.max_tokens,
               "score": SCORE_NAME, "prompt_version": PROMPT_VERSION}
     out_dir.mkdir(parents=True, exist_ok=True)
     path, meta_path = out_dir / f"{version}.jsonl", out_dir / f"{version}.meta.json"
@@ -309,7 +310,7 @@ async def generate_rationales(
     write_meta()  # first: a later run with other parameters is refused even if this one is interrupted
     vecs: np.ndarray | None = None  # embedded on the first answer: an unreachable teacher fails fast
     vecs_lock = asyncio.Lock()
-    limit = asyncio.Semaphore(concurrency or 2 * cfg.teacher_max_concurrency)
+    limit = asyncio.Semaphore(concurrency or 2 * cfg.max_concurrency)
 
     with path.open("a", encoding="utf-8") as fh:
 

@@ -10,7 +10,7 @@ import functools
 
 import faust
 
-from streams.settings import Settings, get_settings
+from streams.settings import Settings
 from streams.topics import WINDOWS_TABLE
 
 
@@ -20,7 +20,7 @@ def broker_url(bootstrap_servers: str) -> str:
 
 def _set_fetch_max_wait(ms: int) -> None:
     """Faust builds its aiokafka consumer with ``fetch_max_wait_ms=1500`` and no setting to change it; on
-    Tansu every caught-up event would wait most of that (see ``Settings.consumer_fetch_max_wait_ms``). Wrap the
+    Tansu every caught-up event would wait most of that (see ``KafkaSettings.consumer_fetch_max_wait_ms``). Wrap the
     one method that builds the consumer and set aiokafka's own attribute before the consumer starts."""
     from faust.transport.drivers import aiokafka as driver
 
@@ -37,30 +37,30 @@ def _set_fetch_max_wait(ms: int) -> None:
 
 
 def create_app(settings: Settings) -> faust.App:
-    _set_fetch_max_wait(settings.consumer_fetch_max_wait_ms)
+    _set_fetch_max_wait(settings.kafka.consumer_fetch_max_wait_ms)
     extra = {}
-    if settings.one_record_per_batch:
+    if settings.kafka.one_record_per_batch:
         # aiokafka always admits the first record into a new batch, so a 1-byte limit means one record per
         # batch: Tansu's ListOffsets answer (last batch base + 1) is then the true end of the changelog.
         extra["producer_max_batch_size"] = 1
     return faust.App(
-        settings.app_id,
-        broker=broker_url(settings.kafka_bootstrap_servers),
+        settings.kafka.app_id,
+        broker=broker_url(settings.kafka.bootstrap_servers),
         store="memory://",  # state is rebuilt from the changelog on every start: no local files to lose
-        datadir=str(settings.data_dir / "faust"),  # Faust's own scratch dir; not ./<app_id>-data in the cwd
+        datadir=str(settings.data.data_dir / "faust"),  # Faust's own scratch dir; not ./<app_id>-data in the cwd
         processing_guarantee="at_least_once",  # Tansu has no InitProducerId; effects are idempotent instead
-        topic_partitions=settings.topic_partitions,
-        topic_replication_factor=settings.topic_replication,
+        topic_partitions=settings.kafka.topic_partitions,
+        topic_replication_factor=settings.kafka.topic_replication,
         topic_allow_declare=False,  # streams.topics.ensure_topics creates everything up front
-        broker_session_timeout=settings.broker_session_timeout_s,
-        broker_rebalance_timeout=settings.broker_rebalance_timeout_s,
-        broker_heartbeat_interval=settings.broker_heartbeat_interval_s,
-        producer_linger=settings.producer_linger_ms / 1000.0,
+        broker_session_timeout=settings.kafka.broker_session_timeout_s,
+        broker_rebalance_timeout=settings.kafka.broker_rebalance_timeout_s,
+        broker_heartbeat_interval=settings.kafka.broker_heartbeat_interval_s,
+        producer_linger=settings.kafka.producer_linger_ms / 1000.0,
         broker_commit_every=100,
         broker_commit_interval=1.0,
-        web_enabled=settings.web_enabled,
-        web_port=settings.web_port,
-        web_bind=settings.web_host,
+        web_enabled=settings.worker.web_enabled,
+        web_port=settings.worker.web_port,
+        web_bind=settings.worker.web_host,
         web_in_thread=False,
         table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",
@@ -69,7 +69,10 @@ def create_app(settings: Settings) -> faust.App:
     )
 
 
-settings = get_settings()
+# The worker process's settings, read once here: Faust's agents and tables are declared at import time, so the
+# app they hang off must exist when this module is imported (faust's own layout); everything else gets them
+# passed from here.
+settings = Settings.from_env()
 app = create_app(settings)
 
 
@@ -77,16 +80,16 @@ def _bytes_topic(name: str, partitions: int | None = None) -> faust.TopicT:
     """Keys and values stay bytes: the agents validate and serialise with the pydantic contracts themselves,
     so a malformed record reaches the agent (and the dead-letter topic) instead of failing in Faust's codec."""
     return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-                     partitions=partitions or settings.topic_partitions)
+                     partitions=partitions or settings.kafka.topic_partitions)
 
 
-interactions_topic = _bytes_topic(settings.topic_interactions)
-recommendations_topic = _bytes_topic(settings.topic_recommendations)
-dead_letter_topic = _bytes_topic(settings.topic_dead_letter)
-drift_topic = _bytes_topic(settings.topic_drift, partitions=1)  # written only; model-updates: agents/model_updates.py
+interactions_topic = _bytes_topic(settings.kafka.topic_interactions)
+recommendations_topic = _bytes_topic(settings.kafka.topic_recommendations)
+dead_letter_topic = _bytes_topic(settings.kafka.topic_dead_letter)
+drift_topic = _bytes_topic(settings.kafka.topic_drift, partitions=1)  # written only; model-updates: agents/model_updates.py
 
 # user_id -> WindowState as a JSON dict. Co-partitioned with interactions.
 windows = app.Table(
-    WINDOWS_TABLE, default=None, partitions=settings.topic_partitions,
+    WINDOWS_TABLE, default=None, partitions=settings.kafka.topic_partitions,
     schema=faust.Schema(key_type=str, value_type=None, key_serializer="json", value_serializer="json"),
 )

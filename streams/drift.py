@@ -36,6 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from streams.registry import ModelRegistry, utc_now, write_text_atomic
 
+from streams.settings import DriftSettings
+
 if TYPE_CHECKING:
     from streams.datasets import Item
     from streams.settings import Settings
@@ -376,23 +378,6 @@ class StaleShare:
 
 
 # --- thresholds, reference, decision ---------------------------------------------------------------------
-class DriftThresholds(BaseModel):
-    """When each signal fires (value strictly above the threshold). See the ``drift_*`` settings."""
-
-    model_config = ConfigDict(frozen=True)
-
-    hit_rate_drop: float = Field(0.3, ge=0)
-    genre_psi: float = Field(0.2, ge=0)
-    genre_js: float = Field(0.1, ge=0, le=1)
-    rationale_distance: float = Field(0.15, ge=0, le=2)
-    min_events: int = Field(2000, ge=1)
-    window_events: int = Field(5000, ge=1)
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> DriftThresholds:
-        return cls(**{name: getattr(settings, f"drift_{name}") for name in cls.model_fields})
-
-
 class DriftReference(BaseModel):
     """What the serving student was distilled on, to measure drift against. Any part may be missing; the
     signal that needs it is then not evaluated."""
@@ -483,10 +468,10 @@ class DriftMonitor:
     """
 
     def __init__(
-        self, thresholds: DriftThresholds | None = None, reference: DriftReference | None = None,
+        self, thresholds: DriftSettings | None = None, reference: DriftReference | None = None,
         *, max_users: int = 100_000,
     ) -> None:
-        self.thresholds = thresholds or DriftThresholds()
+        self.thresholds = thresholds or DriftSettings()
         n = self.thresholds.window_events
         self.hit_rate = OnlineHitRate(window=n, max_users=max_users)
         self.genres = GenreDistribution(window=n)
@@ -497,7 +482,7 @@ class DriftMonitor:
 
     @classmethod
     def from_settings(cls, settings: Settings, reference: DriftReference | None = None) -> DriftMonitor:
-        return cls(DriftThresholds.from_settings(settings), reference)
+        return cls(settings.drift, reference)
 
     # -- feeding -----------------------------------------------------------------------------------------
 
@@ -603,7 +588,6 @@ __all__ = [
     "DriftDecision",
     "DriftMonitor",
     "DriftReference",
-    "DriftThresholds",
     "FiredSignal",
     "GenreDistribution",
     "GenreSnapshot",

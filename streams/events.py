@@ -207,9 +207,9 @@ class EventLimits:
 
     @classmethod
     def from_settings(cls, settings: "Settings") -> "EventLimits":
-        return cls(max_bytes=settings.max_event_bytes, time_mode=settings.event_time_mode,
-                   max_age_s=settings.event_max_age_s, max_future_s=settings.event_max_future_s,
-                   min_timestamp=settings.event_min_timestamp)
+        return cls(max_bytes=settings.events.max_bytes, time_mode=settings.events.time_mode,
+                   max_age_s=settings.events.max_age_s, max_future_s=settings.events.max_future_s,
+                   min_timestamp=settings.events.min_timestamp)
 
     def time_error(self, timestamp: float, now: float) -> str | None:
         """Why ``timestamp`` is not admitted at ``now``, or None."""

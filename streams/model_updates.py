@@ -49,12 +49,12 @@ async def publish_model_update(settings: Settings, update: ModelUpdate, *, conne
     from streams.topics import ensure_topics
 
     # An unknown topic would be auto-created by Tansu with 4 partitions; create it as declared instead.
-    await ensure_topics(settings, timeout=connect_timeout_s, names={settings.topic_model_updates})
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all",
+    await ensure_topics(settings, timeout=connect_timeout_s, names={settings.kafka.topic_model_updates})
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all",
                                 request_timeout_ms=int(max(connect_timeout_s, 10.0) * 1000))
     try:
         await producer.start()
-        await producer.send_and_wait(settings.topic_model_updates, update.model_dump_json().encode(),
+        await producer.send_and_wait(settings.kafka.topic_model_updates, update.model_dump_json().encode(),
                                      key=MODEL_UPDATE_KEY)
     finally:
         await producer.stop()

@@ -11,7 +11,7 @@ Layout under the registry root (default ``<data_dir>/registry``)::
 A version directory appears in one ``os.rename`` of a finished staging directory, so readers never see a
 half-written version; ``CURRENT`` is replaced atomically too. Promote and rollback hold a file lock, so two
 processes cannot interleave them. The model version the stream reports for a version is
-``<settings.student_model_version>+<version>``.
+``<settings.student.model_version>+<version>``.
 """
 
 from __future__ import annotations
@@ -66,9 +66,8 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def default_registry_dir(settings: Settings) -> Path:
-    """``settings.registry_dir`` when the settings have that field and it is set, else ``<data_dir>/registry``."""
-    configured = getattr(settings, "registry_dir", None)
-    return Path(configured) if configured else Path(settings.data_dir) / "registry"
+    """``data.registry_dir`` when it is set, else ``<data_dir>/registry``."""
+    return settings.registry_path
 
 
 class ModelRegistry:
@@ -119,7 +118,7 @@ class ModelRegistry:
 
     def model_version(self, version: str | None, settings: Settings) -> str:
         """What recommendations report for ``version`` (``None``: the base model)."""
-        base = settings.student_model_version
+        base = settings.student.model_version
         return base if version is None else f"{base}+{version}"
 
     # -- publishing --------------------------------------------------------------------------------------

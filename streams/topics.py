@@ -30,16 +30,16 @@ class TopicSpec:
 
 
 def topic_specs(settings: Settings) -> list[TopicSpec]:
-    p, r = settings.topic_partitions, settings.topic_replication
+    p, r = settings.kafka.topic_partitions, settings.kafka.topic_replication
     return [
-        TopicSpec(settings.topic_interactions, p, r, purpose="InteractionEvent in, key user_id"),
-        TopicSpec(settings.topic_recommendations, p, r, purpose="Recommendation out, key user_id"),
-        TopicSpec(settings.topic_dead_letter, p, r, purpose="DeadLetter: rejected input with reason"),
-        TopicSpec(settings.changelog_topic(WINDOWS_TABLE), p, r, compacted=True,
+        TopicSpec(settings.kafka.topic_interactions, p, r, purpose="InteractionEvent in, key user_id"),
+        TopicSpec(settings.kafka.topic_recommendations, p, r, purpose="Recommendation out, key user_id"),
+        TopicSpec(settings.kafka.topic_dead_letter, p, r, purpose="DeadLetter: rejected input with reason"),
+        TopicSpec(settings.kafka.changelog_topic(WINDOWS_TABLE), p, r, compacted=True,
                   purpose="internal: behaviour-window table changelog"),
         # Broadcast, not partitioned work: every worker reads all of it without a consumer group, in order.
-        TopicSpec(settings.topic_model_updates, 1, r, purpose="ModelUpdate: promote/rollback, key 'model'"),
-        TopicSpec(settings.topic_drift, 1, r, purpose="DriftDecision from the workers' drift monitors"),
+        TopicSpec(settings.kafka.topic_model_updates, 1, r, purpose="ModelUpdate: promote/rollback, key 'model'"),
+        TopicSpec(settings.kafka.topic_drift, 1, r, purpose="DriftDecision from the workers' drift monitors"),
     ]
 
 
@@ -52,7 +52,7 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0,
     """Create missing topics (all of the app's, or only ``names``); fail loudly if an existing one has the
     wrong partition count. Raises ``KafkaConnectionError`` when no broker answers within ``timeout``."""
     specs = [s for s in topic_specs(settings) if names is None or s.name in names]
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap_servers, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers, request_timeout_ms=10_000)
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         try:

@@ -55,7 +55,7 @@ def apply_event(
     keep_event_ids: int,
     epoch: int = 0,
 ) -> WindowState:
-    """Append ``event`` (caller checked :func:`is_duplicate`) and keep the last ``window_size`` items.
+    """Append ``event`` (caller checked :func:`is_duplicate`) and keep the last ``worker.window_size`` items.
     ``epoch``: the new lineage's epoch when ``state`` is None (the worker passes the time; kept afterwards)."""
     state = state or WindowState(user_id=event.user_id, epoch=epoch)
     item = WindowItem(item_id=event.item_id, event_type=event.event_type, value=event.value,

@@ -52,7 +52,7 @@ def qdrant_template(data_dir: Path) -> Path:
     from vectorstore.store import VectorStore
 
     path = data_dir / "qdrant"
-    settings = Settings(data_dir=data_dir, qdrant_path=str(path))
+    settings = Settings.from_env(data={"data_dir": data_dir}, qdrant={"path": str(path)})
     encoder = load_encoder(settings)
     store = VectorStore(settings)
     try:
@@ -164,7 +164,7 @@ def random_adapter_registry(data_dir: Path, root: Path) -> ModelRegistry:
 
     from models.student import load_base_model
 
-    _, base, _ = load_base_model(Settings(data_dir=data_dir))
+    _, base, _ = load_base_model(Settings.from_env(data={"data_dir": data_dir}))
     torch.manual_seed(0)
     reg = ModelRegistry(root)
     staging = reg.staging_dir()

@@ -80,10 +80,10 @@ def expected_windows(bootstrap: str, n_records: int, settings: Settings | None =
     """Every user's window recomputed from the first ``n_records`` of the interactions topic with the worker's
     own rules (validation in replay mode, de-duplication, window size), in the order the worker reads them.
     Epochs are 0: the worker stamps its own clock on a new lineage."""
-    s = settings or Settings()
-    records = asyncio.run(read_until(bootstrap, s.topic_interactions, lambda r: len(r) >= n_records, 120))
+    s = settings or Settings.from_env()
+    records = asyncio.run(read_until(bootstrap, s.kafka.topic_interactions, lambda r: len(r) >= n_records, 120))
     assert len(records) == n_records, (len(records), n_records)
-    limits = EventLimits(s.max_event_bytes, time_mode="replay")
+    limits = EventLimits(s.events.max_bytes, time_mode="replay")
     states: dict[str, WindowState] = {}
     for r in sorted(records, key=lambda r: (r.partition, r.offset)):
         try:
@@ -94,5 +94,5 @@ def expected_windows(bootstrap: str, n_records: int, settings: Settings | None =
             continue  # the worker re-publishes it under its user_id and applies that copy when it comes
         state = states.get(ev.user_id)
         if not is_duplicate(state, ev, r.partition, r.offset):
-            states[ev.user_id] = apply_event(state, ev, r.partition, r.offset, s.window_size, s.recent_event_ids)
+            states[ev.user_id] = apply_event(state, ev, r.partition, r.offset, s.worker.window_size, s.worker.recent_event_ids)
     return states

@@ -27,7 +27,7 @@ from tests.hostile import hostile_corpus, interleave
 from tests.kafka_io import event, expected_windows, publish, read_until
 
 pytestmark = pytest.mark.slow
-S = Settings()
+S = Settings.from_env()
 BACKLOG = 30_000  # ML-1M's earliest events: 230 users
 HOSTILE = 10_000
 FRESH = 20
@@ -44,8 +44,8 @@ def serve_backlog(tmp_path: Path, data_dir: Path, qdrant: Path, records: list, v
     answers fresh events within seconds while its student is still behind. Returns what the checks saw."""
     with EmbeddedBroker(log_path=tmp_path / "tansu.log") as broker:
         bootstrap = broker.bootstrap_servers
-        run(ensure_topics(S.model_copy(update={"kafka_bootstrap_servers": bootstrap})))
-        run(publish(bootstrap, S.topic_interactions, records, linger_ms=20))
+        run(ensure_topics(S.updated(kafka={"bootstrap_servers": bootstrap})))
+        run(publish(bootstrap, S.kafka.topic_interactions, records, linger_ms=20))
         worker = WorkerProcess(worker_env(broker, data_dir, qdrant), tmp_path / "worker.log").start()
         try:
             worker.wait_until(lambda h: worker.metrics().get("events_in", 0) >= len(records), 900)
@@ -58,13 +58,13 @@ def serve_backlog(tmp_path: Path, data_dir: Path, qdrant: Path, records: list, v
             # Fresh events now: each new user's first fast-path answer comes within seconds.
             fresh = [event(f"fresh-{k}", "Toy Story (1995)", 978300760.0 + k) for k in range(FRESH)]
             sent_at = time.time()
-            run(publish(bootstrap, S.topic_interactions, fresh, linger_ms=0))
+            run(publish(bootstrap, S.kafka.topic_interactions, fresh, linger_ms=0))
             want = {key.decode() for key, _ in fresh}
 
             def answered(rs) -> bool:  # type: ignore[no-untyped-def]
                 return want <= {r.key.decode() for r in rs if r.key and r.key.decode() in want}
 
-            recs = run(read_until(bootstrap, S.topic_recommendations, answered, 60))
+            recs = run(read_until(bootstrap, S.kafka.topic_recommendations, answered, 60))
             first: dict[str, Recommendation] = {}
             for r in recs:
                 if r.key and r.key.decode() in want and r.key.decode() not in first:
@@ -80,7 +80,7 @@ def serve_backlog(tmp_path: Path, data_dir: Path, qdrant: Path, records: list, v
             windows = {u: worker.get(f"/window/{u}/") for u in expected}
         finally:
             worker.stop()
-        dlq = run(read_until(bootstrap, S.topic_dead_letter, lambda r: len(r) >= len(records) - valid, 60))
+        dlq = run(read_until(bootstrap, S.kafka.topic_dead_letter, lambda r: len(r) >= len(records) - valid, 60))
     log = (tmp_path / "worker.log").read_text(errors="replace")
     assert not [m for m in CRASH_MARKS if m in log], "the worker logged a crash:\n" + log[-4000:]
     assert after["events_applied"] == valid + FRESH and after.get("handler_errors", 0) == 0, after
@@ -114,6 +114,6 @@ def test_hostile_records_interleaved_are_dead_lettered_and_the_stream_goes_on(
     for r in bad:
         reasons[hashlib.sha256(r.value or b"").hexdigest()].append(r.reason)
     for letter in letters:
-        assert letter.source_topic == S.topic_interactions and letter.error
+        assert letter.source_topic == S.kafka.topic_interactions and letter.error
         assert any(reason in letter.error for reason in reasons[letter.raw_sha256]), (letter.error, letter.raw_preview)
     assert sum(letter.raw_truncated for letter in letters) >= 1  # the 900 kB ones: digest and preview only

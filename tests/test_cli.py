@@ -19,7 +19,7 @@ from streams.settings import Settings
 from tests.conftest import ROOT, run
 from tests.kafka_io import publish, read_until
 
-S = Settings()
+S = Settings.from_env()
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -39,7 +39,7 @@ def test_produce_sends_valid_lines_keyed_by_user_and_reports_bad_ones(broker, tm
     proc = cli("produce", str(f), env=env)
     assert proc.returncode == 1, proc.stderr  # some lines were invalid
     assert f"{f}:2: skipped: malformed JSON" in proc.stderr and f"{f}:4: skipped: item_id" in proc.stderr
-    records = run(read_until(broker.bootstrap_servers, S.topic_interactions, lambda r: len(r) >= 2, 30))
+    records = run(read_until(broker.bootstrap_servers, S.kafka.topic_interactions, lambda r: len(r) >= 2, 30))
     assert sorted((r.key, json.loads(r.value)["item_id"]) for r in records) == [
         (b"u1", "Toy Story (1995)"), (b"u2", "Heat (1995)")]
 
@@ -48,7 +48,7 @@ def test_tail_prints_recommendations(broker) -> None:
     rec = Recommendation(user_id="u1", items=[RecommendedItem(item_id="Heat (1995)", score=0.5, title="Heat")],
                          rationale="Step 1: likes crime films.", rationale_current=True, window_version=3,
                          last_event_timestamp=5.0, path=RecommendationPath.slow, rationale_window_version=3)
-    run(publish(broker.bootstrap_servers, S.topic_recommendations, [(b"u1", rec.model_dump_json().encode())]))
+    run(publish(broker.bootstrap_servers, S.kafka.topic_recommendations, [(b"u1", rec.model_dump_json().encode())]))
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers}
     proc = cli("tail", "--from-beginning", "--json", "--limit", "1", env=env, timeout=60)
     assert proc.returncode == 0, proc.stderr

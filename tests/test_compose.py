@@ -79,17 +79,11 @@ def _settings_for(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Setti
             monkeypatch.delenv(k)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    return Settings()
+    return Settings.from_env()
 
 
 def _known_env_names() -> set[str]:
-    names = set()
-    for name, field in Settings.model_fields.items():
-        names.add(f"SLIMSTREAM_{name.upper()}")
-        alias = field.validation_alias
-        if alias is not None:
-            names.update(str(c) for c in getattr(alias, "choices", [alias]))
-    return names
+    return {env for _, _, names in Settings.env_names() for env in names}
 
 
 def _parse_cli(args: list[str]) -> None:
@@ -127,14 +121,14 @@ def test_every_app_service_has_known_settings_with_valid_values(compose: dict, m
         unknown = sorted(k for k in env if k not in known)
         assert not unknown, f"{name}: settings the app does not read: {unknown}"
         s = _settings_for({**{k: v for k, v in image_env.items() if k in known}, **env}, monkeypatch)
-        assert s.kafka_bootstrap_servers == "kafka:9092"
-        assert s.qdrant_url == "http://qdrant:6333" and s.qdrant_api_key is None
-        assert not s.one_record_per_batch, "Apache Kafka needs no Tansu batch workaround"
-        assert s.web_host == "0.0.0.0", "the worker's web port must be reachable from outside its container"
-        assert s.student_backend == "llamacpp"
+        assert s.kafka.bootstrap_servers == "kafka:9092"
+        assert s.qdrant.url == "http://qdrant:6333" and s.qdrant.api_key is None
+        assert not s.kafka.one_record_per_batch, "Apache Kafka needs no Tansu batch workaround"
+        assert s.worker.web_host == "0.0.0.0", "the worker's web port must be reachable from outside its container"
+        assert s.student.backend == "llamacpp"
     # The GPU variant: the same env with the openai backend is valid too.
     s = _settings_for({**_env(compose["services"]["worker"]), "SLIMSTREAM_STUDENT_BACKEND": "openai"}, monkeypatch)
-    assert s.student_backend == "openai" and urlparse(s.student_url).hostname == "vllm"
+    assert s.student.backend == "openai" and urlparse(s.student.url).hostname == "vllm"
 
 
 def test_services_run_commands_the_cli_accepts(compose: dict) -> None:
@@ -152,10 +146,10 @@ def test_kafka_matches_the_app(compose: dict, monkeypatch) -> None:
     kafka = _env(svc["kafka"])
     s = _settings_for(_env(svc["worker"]), monkeypatch)
     assert kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
-    assert int(kafka["KAFKA_NUM_PARTITIONS"]) == s.topic_partitions
+    assert int(kafka["KAFKA_NUM_PARTITIONS"]) == s.kafka.topic_partitions
     advertised = dict(x.split("://", 1) for x in kafka["KAFKA_ADVERTISED_LISTENERS"].split(","))
-    assert advertised[kafka["KAFKA_INTER_BROKER_LISTENER_NAME"]] == s.kafka_bootstrap_servers
-    assert int(kafka["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"]) >= s.topic_replication
+    assert advertised[kafka["KAFKA_INTER_BROKER_LISTENER_NAME"]] == s.kafka.bootstrap_servers
+    assert int(kafka["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"]) >= s.kafka.topic_replication
     # Ordering: the app services start only once Kafka and Qdrant answer and init has created the topics.
     assert svc["init"]["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert svc["init"]["depends_on"]["qdrant"]["condition"] == "service_healthy"
@@ -167,22 +161,22 @@ def test_kafka_matches_the_app(compose: dict, monkeypatch) -> None:
 def test_endpoints_point_at_services_that_listen_there(compose: dict, monkeypatch) -> None:
     svc = compose["services"]
     s = _settings_for(_env(svc["retrain"]), monkeypatch)
-    teacher_url = urlparse(s.teacher_url)
+    teacher_url = urlparse(s.teacher.url)
     assert teacher_url.hostname == "teacher" and teacher_url.path == "/v1"
     cmd = svc["teacher"]["command"]
     assert int(cmd[cmd.index("--port") + 1]) == teacher_url.port
     assert cmd[cmd.index("--host") + 1] == "0.0.0.0"
-    assert cmd[cmd.index("--served-model-name") + 1] == s.teacher_model
+    assert cmd[cmd.index("--served-model-name") + 1] == s.teacher.model
     assert cmd[cmd.index("--gguf") + 1] == "/opt/teacher/teacher.gguf"
     assert "/opt/teacher/teacher.gguf" in DOCKERFILE.read_text()
-    student_url = urlparse(s.student_url)
+    student_url = urlparse(s.student.url)
     vllm = svc["vllm"]
     assert student_url.hostname == "vllm"
     assert any(str(p.get("target") if isinstance(p, dict) else p).split(":")[-1] == str(student_url.port)
                for p in vllm["ports"]), "vLLM listens on 8000 inside its container"
     vcmd = vllm["command"]
     assert "--enable-lora" in vcmd and _env(vllm)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"].lower() == "true"
-    assert vcmd[vcmd.index("--served-model-name") + 1] == (s.student_served_model or s.student_model_version)
+    assert vcmd[vcmd.index("--served-model-name") + 1] == (s.student.served_model or s.student.model_version)
     assert int(vcmd[vcmd.index("--max-lora-rank") + 1]) >= 16  # the distillation's default LoRA rank
     assert vllm["entrypoint"] == ["vllm", "serve"] and vcmd[0] == svc["student-export"]["command"][1]
 
@@ -205,7 +199,7 @@ def test_registry_is_one_shared_volume_at_the_agreed_path(compose: dict, monkeyp
     sources = {name: _mounts(svc[name]).get(registry_path) for name in ("worker", "retrain", "vllm")}
     assert len(set(sources.values())) == 1 and None not in sources.values(), sources
     s = _settings_for(_env(svc["worker"]), monkeypatch)
-    assert s.student_lora_root == registry_path, "vLLM reads adapters at the path the workers name"
+    assert s.student.lora_root == registry_path, "vLLM reads adapters at the path the workers name"
     data = _mounts(svc["worker"]).get(image_env["SLIMSTREAM_DATA_DIR"])
     assert data is not None, "the caches live on a volume, not in the container layer"
 
@@ -250,14 +244,14 @@ def test_init_creates_topics_and_indexes_the_catalogue_idempotently(broker, tmp_
         await admin.start()
         try:
             return {d["topic"]: len(d["partitions"]) for d in await admin.describe_topics(
-                [s.name for s in topic_specs(Settings())])}
+                [s.name for s in topic_specs(Settings.from_env())])}
         finally:
             await admin.close()
 
-    assert run(partitions()) == {s.name: s.partitions for s in topic_specs(Settings())}
-    store = VectorStore(Settings(qdrant_path=str(tmp_path / "qdrant"), data_dir=data_dir))
+    assert run(partitions()) == {s.name: s.partitions for s in topic_specs(Settings.from_env())}
+    store = VectorStore(Settings.from_env(qdrant={"path": str(tmp_path / "qdrant")}, data={"data_dir": data_dir}))
     try:
-        assert store.count(store.settings.collection_items) == n_items
+        assert store.count(store.settings.qdrant.collection_items) == n_items
     finally:
         store.close()
     # A deployment whose partition setting disagrees with the existing topics is stopped, not half-started.
@@ -271,7 +265,7 @@ def test_replay_publishes_the_seeded_sample_keyed_by_user(broker, tmp_path: Path
     proc = cli("replay", "--users", "3", "--max-events", "30", "--rate", "200", env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "sent 30 events of 3 users" in proc.stdout
-    records = run(read_until(broker.bootstrap_servers, Settings().topic_interactions, lambda r: len(r) >= 30, 30))
+    records = run(read_until(broker.bootstrap_servers, Settings.from_env().kafka.topic_interactions, lambda r: len(r) >= 30, 30))
     assert len(records) == 30
     bodies = [json.loads(r.value) for r in records]
     assert all(r.key.decode() == b["user_id"] for r, b in zip(records, bodies))

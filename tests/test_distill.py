@@ -56,7 +56,7 @@ def ml100k_records() -> list[RationaleRecord]:
 
 @pytest.fixture(scope="module")
 def settings(data_dir: Path) -> Settings:
-    return Settings(data_dir=data_dir, student_threads=1, student_max_new_tokens=24)
+    return Settings.from_env(data={"data_dir": data_dir}, student={"threads": 1, "max_new_tokens": 24})
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def base(settings: Settings):  # type: ignore[no-untyped-def]
 
     from models.student import load_base_model
 
-    torch.set_num_threads(settings.student_threads)  # two threads spin-wait against each other on a busy box
+    torch.set_num_threads(settings.student.threads)  # two threads spin-wait against each other on a busy box
     tokenizer, model, _ = load_base_model(settings)
     model.eval()
     return tokenizer, model
@@ -163,8 +163,8 @@ def test_manifest_records_the_run(distilled, registry: ModelRegistry, records_pa
     assert registry.list_versions() == [distilled.version] == ["v0001"]
     manifest = registry.get(distilled.version)
     assert manifest["version"] == "v0001" and manifest["parent_version"] is None
-    assert manifest["base_model"]["model_version"] == settings.student_model_version
-    assert manifest["base_model"]["gguf_file"] == settings.student_gguf_file
+    assert manifest["base_model"]["model_version"] == settings.student.model_version
+    assert manifest["base_model"]["gguf_file"] == settings.student.gguf_file
     assert len(manifest["base_model"]["gguf_sha256"]) == 64
     assert manifest["data"]["sha256"] == hashlib.sha256(records_path.read_bytes()).hexdigest()
     assert manifest["data"]["version"] == "ml-100k-test" and manifest["data"]["records"] == N_RECORDS
@@ -190,7 +190,7 @@ def test_adapter_serves_through_the_student(distilled, base, settings: Settings,
     tokenizer, base_model = base
     registry.promote(distilled.version)
     student = TransformersStudent(settings, adapter_dir=registry.adapter_dir(registry.current()))
-    assert student.model_version == f"{settings.student_model_version}+v0001" == distilled.model_version
+    assert student.model_version == f"{settings.student.model_version}+v0001" == distilled.model_version
     train_record = next(r for r in read_records(records_path)
                         if r.user_id not in {u for u in _val_users(distilled)})
     example = [encode_record(tokenizer, train_record, 256)]
@@ -267,8 +267,8 @@ def test_registry_promote_and_rollback_round_trip(tmp_path: Path) -> None:
     assert actions == [("promote", "v0001", None), ("promote", "v0002", "v0001"), ("promote", "hotfix", "v0002"),
                        ("rollback", "v0002", "hotfix"), ("rollback", "v0001", "v0002"),
                        ("promote", "hotfix", "v0001"), ("rollback", "v0001", "hotfix"), ("rollback", None, "v0001")]
-    settings = Settings(data_dir=tmp_path)
-    assert reg.model_version("v0002", settings) == f"{settings.student_model_version}+v0002"
+    settings = Settings.from_env(data={"data_dir": tmp_path})
+    assert reg.model_version("v0002", settings) == f"{settings.student.model_version}+v0002"
     assert ModelRegistry.for_settings(settings).root == tmp_path / "registry"
 
 

@@ -13,7 +13,6 @@ from streams.drift import (
     DriftDecision,
     DriftMonitor,
     DriftReference,
-    DriftThresholds,
     GenreDistribution,
     GenreSnapshot,
     OnlineHitRate,
@@ -24,10 +23,10 @@ from streams.drift import (
 )
 from streams.datasets import Item, load_interactions, load_items, sample_users
 from streams.events import Recommendation, RecommendationPath, RecommendedItem
-from streams.settings import Settings
+from streams.settings import DriftSettings, Settings
 
 # Small windows for the synthetic tests, so they need few events.
-SMALL = DriftThresholds(min_events=50, window_events=100)
+SMALL = DriftSettings(min_events=50, window_events=100)
 
 
 # --- distances -------------------------------------------------------------------------------------------
@@ -268,10 +267,10 @@ def test_monitor_hit_rate_drop_and_min_events_and_stale_answers_are_not_drift(tm
 
 def test_thresholds_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLIMSTREAM_DRIFT_GENRE_PSI", "0.25")
-    t = DriftThresholds.from_settings(Settings(drift_min_events=10))
+    t = Settings.from_env(drift={"min_events": 10}).drift
     assert t.genre_psi == 0.25 and t.min_events == 10
-    assert t.window_events == Settings().drift_window_events
-    assert DriftThresholds.from_settings(Settings.model_construct()) == DriftThresholds()  # same defaults
+    assert t.window_events == Settings.from_env().drift.window_events
+    assert Settings().drift == DriftSettings()  # the shipped defaults, the environment aside
 
 
 # --- MovieLens-1M replays --------------------------------------------------------------------------------
@@ -298,7 +297,7 @@ def _replay(monitor: DriftMonitor, events: list, items: dict[str, Item]) -> tupl
 @pytest.mark.parametrize("seed", [1, 3])
 def test_genre_drift_on_movielens_replay(ml1m, seed: int) -> None:
     interactions, items = ml1m
-    thresholds = DriftThresholds.from_settings(Settings())  # the shipped defaults
+    thresholds = Settings.from_env().drift  # the shipped defaults
     # 600 users' events in time order; the student was "distilled" on the first half.
     replay = sample_users(interactions, 600, seed=seed)
     half = len(replay) // 2
@@ -337,7 +336,7 @@ def test_genre_drift_on_movielens_replay(ml1m, seed: int) -> None:
 def _runtime(tmp_path, min_events: int):  # type: ignore[no-untyped-def]
     from agents.runtime import Runtime
 
-    return Runtime(Settings(data_dir=tmp_path, drift_min_events=min_events, drift_window_events=4 * min_events))
+    return Runtime(Settings.from_env(data={"data_dir": tmp_path}, drift={"min_events": min_events, "window_events": 4 * min_events}))
 
 
 @pytest.mark.parametrize("samples", [3, None])

@@ -31,7 +31,7 @@ TEXTS = [
 def shared_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """One encoder cache per test session, shared by the test modules that need an encoder."""
     data_dir = tmp_path_factory.getbasetemp() / "shared-encoder-data"
-    return Settings(data_dir=data_dir, qdrant_path=str(data_dir / "qdrant"), encoder_batch_size=4)
+    return Settings.from_env(data={"data_dir": data_dir}, qdrant={"path": str(data_dir / "qdrant")}, encoder={"batch_size": 4})
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_thread_safe(encoder: OnnxMiniLMEncoder) -> None:
 
 def test_cached_export_is_reused(encoder: OnnxMiniLMEncoder) -> None:
     path = encoder.onnx_path
-    assert path.is_file() and path.parent == Path(encoder.settings.data_dir) / "encoder"
+    assert path.is_file() and path.parent == Path(encoder.settings.data.data_dir) / "encoder"
     mtime = path.stat().st_mtime_ns
     again = OnnxMiniLMEncoder(encoder.settings)
     again.load()
@@ -134,7 +134,7 @@ _PROBE = """
     import json, sys
     from models.encoder import load_encoder
     from streams.settings import Settings
-    enc = load_encoder(Settings())
+    enc = load_encoder(Settings.from_env())
     vec = enc.encode(["Toy Story (1995)."])[0]
     print(json.dumps({"exported": enc.exported, "torch": "torch" in sys.modules, "path": str(enc.onnx_path),
                       "head": vec[:4].tolist()}))
@@ -142,7 +142,7 @@ _PROBE = """
 
 
 def test_cached_load_does_not_import_torch(encoder: OnnxMiniLMEncoder) -> None:
-    proc = _run_python(_PROBE, Path(encoder.settings.data_dir))
+    proc = _run_python(_PROBE, Path(encoder.settings.data.data_dir))
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     result = json.loads(out.strip().splitlines()[-1])

@@ -16,9 +16,11 @@ from models.sasrec import SASRecConfig
 from evaluation.harness import Method, run_evaluation
 from streams.splits import TrainingData, leave_one_out, restrict_users
 from streams.datasets import load_interactions
+from streams.settings import Settings
 from tests.test_encoder import shared_settings
 
-SLICE = dict(source="ml-100k", limit_users=200, sample_users=60, seed=0)
+DATA = dict(source="ml-100k", limit_users=200, sample_users=60, seed=0)
+SLICE = dict(DATA, settings=Settings.from_env())
 # Small batches and a higher learning rate: 200 users give ~500 training windows, so the default batch of
 # 128 would be only four updates per epoch.
 TINY_SASREC = SASRecConfig(batch_size=32, lr=3e-3, dim=48)
@@ -31,8 +33,8 @@ def full_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         methods=["random", "popularity", "item-knn", "sasrec", "text-mean"], out_dir=tmp_path_factory.mktemp("reports"),
         sasrec_epochs=2, sasrec_config=TINY_SASREC, run_name="tiny",
         # the session's shared ONNX export; batches of 64 texts rather than its 4 (1.3k titles to embed)
-        settings=shared_settings(tmp_path_factory).model_copy(update={"encoder_batch_size": 64}),
-        progress=lambda m, d, t: calls.append((m, d, t)), **SLICE)
+        settings=shared_settings(tmp_path_factory).updated(encoder={"batch_size": 64}),
+        progress=lambda m, d, t: calls.append((m, d, t)), **DATA)
     out["_progress"] = calls
     return out
 

@@ -132,8 +132,7 @@ def test_rationales_are_cached_per_prompt(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def slim_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """slim-base and its fusion with the real SmolLM2 student (short rationales to keep it quick)."""
-    settings = shared_settings(tmp_path_factory).model_copy(
-        update={"encoder_batch_size": 64, "student_max_new_tokens": 24, "prompt_max_items": 8})
+    settings = shared_settings(tmp_path_factory).updated(encoder={"batch_size": 64}, student={"max_new_tokens": 24, "prompt_max_items": 8})
     seen: list[str] = []
     from models import student as student_mod
 

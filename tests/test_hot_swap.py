@@ -29,8 +29,8 @@ from streams.settings import Settings
 from tests.conftest import ROOT, WorkerProcess, random_adapter_registry, run, worker_env
 from tests.kafka_io import event, publish, read_until
 
-S = Settings()
-BASE = S.student_model_version
+S = Settings.from_env()
+BASE = S.student.model_version
 
 
 def cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -127,7 +127,7 @@ class Feed:
                 it = self.histories[user][k]
                 records.append(event(user, it.item_id, it.timestamp, event_id=f"{user}-{k}"))
                 self.sent[user] += 1
-        run(publish(self.bootstrap, S.topic_interactions, records))
+        run(publish(self.bootstrap, S.kafka.topic_interactions, records))
 
 
 def recs_by_user(bootstrap: str, done, timeout: float = 300) -> dict[str, list[Recommendation]]:  # type: ignore[no-untyped-def]
@@ -137,7 +137,7 @@ def recs_by_user(bootstrap: str, done, timeout: float = 300) -> dict[str, list[R
             out[r.key.decode()].append(Recommendation.model_validate_json(r.value))
         return out
 
-    return parse(run(read_until(bootstrap, S.topic_recommendations, lambda rs: done(parse(rs)), timeout)))
+    return parse(run(read_until(bootstrap, S.kafka.topic_recommendations, lambda rs: done(parse(rs)), timeout)))
 
 
 def final_rationale(recs: list[Recommendation], version: int) -> Recommendation | None:
@@ -235,8 +235,7 @@ def test_promote_and_rollback_swap_the_student_without_a_restart(
             assert during, "no interaction was handled while the new student loaded"
 
         # 3. a redelivered update is a no-op; an update for a version the registry lacks keeps the student
-        settings = S.model_copy(update={"kafka_bootstrap_servers": broker.bootstrap_servers,
-                                        "registry_dir": adapter_registry.root})
+        settings = S.updated(kafka={"bootstrap_servers": broker.bootstrap_servers}, data={"registry_dir": adapter_registry.root})
         run(publish_model_update(settings, model_update_for(adapter_registry, settings, "promote", "again")))
         worker.wait_until(lambda h: worker.metrics().get("model_updates_noop", 0) >= 1, 60)
         bogus = ModelUpdate(action="promote", version="v9999", previous="v0001", model_version=f"{BASE}+v9999",
@@ -256,7 +255,7 @@ def test_promote_and_rollback_swap_the_student_without_a_restart(
         drift = worker.metrics()["drift"]
         assert drift["reference_source"] == "lazy" and drift["signals"]["genre_js"] is not None
         decisions = [DriftDecision.model_validate_json(r.value) for r in run(read_until(
-            broker.bootstrap_servers, S.topic_drift, lambda rs: len(rs) >= 1, 30))]
+            broker.bootstrap_servers, S.kafka.topic_drift, lambda rs: len(rs) >= 1, 30))]
         assert decisions and "genre_js" in decisions[0].signals
         assert worker.metrics()["drift_decisions_published"] == 1
         assert worker.stop() == 0, worker.log_tail()

@@ -28,7 +28,7 @@ ASK = [{"role": "system", "content": "You are a film critic. Answer briefly."},
 
 @pytest.fixture(scope="module")
 def chat() -> LlamaCppChatBackend:
-    return LlamaCppChatBackend(student_gguf_path(Settings()), threads=1, n_ctx=1024)
+    return LlamaCppChatBackend(student_gguf_path(Settings.from_env()), threads=1, n_ctx=1024)
 
 
 def test_greedy_is_deterministic_and_counts_tokens(chat: LlamaCppChatBackend) -> None:
@@ -61,9 +61,9 @@ def test_student_backend_writes_rationales() -> None:
     from models.prompts import PromptItem, build_slim_messages
     from models.student_factory import load_student
 
-    settings = Settings(student_backend="llamacpp", student_max_new_tokens=40, student_threads=1)
+    settings = Settings.from_env(student={"backend": "llamacpp", "max_new_tokens": 40, "threads": 1})
     student = load_student(settings)
-    assert isinstance(student, LlamaCppStudent) and student.model_version == settings.student_model_version
+    assert isinstance(student, LlamaCppStudent) and student.model_version == settings.student.model_version
     window = [PromptItem(title="Toy Story", year=1995, genres=("Animation", "Comedy")),
               PromptItem(title="Aladdin", year=1992, genres=("Animation", "Musical"))]
     out = student.generate([build_slim_messages(window, 20)] * 2)
@@ -72,21 +72,22 @@ def test_student_backend_writes_rationales() -> None:
 
 @pytest.mark.slow
 def test_serve_teacher_llamacpp_over_http(tmp_path: Path) -> None:
-    from models.teacher import TeacherClient, TeacherConfig
+    from models.openai_client import ChatClient
+    from streams.settings import TeacherSettings
     from streams.broker import free_port
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSTREAM_")}
     srv = ServerProcess(
         [sys.executable, "-m", "cli", "serve-teacher", "--backend", "llamacpp", "--port", str(port),
-         "--gguf", str(student_gguf_path(Settings())), "--served-model-name", "smol-llamacpp", "--threads", "1"],
+         "--gguf", str(student_gguf_path(Settings.from_env())), "--served-model-name", "smol-llamacpp", "--threads", "1"],
         port, tmp_path / "server.log", env=env)
     try:
         srv.wait_ready(120)
-        cfg = TeacherConfig(teacher_url=srv.url + "/v1", teacher_model="smol-llamacpp", teacher_max_tokens=16)
+        cfg = TeacherSettings(url=srv.url + "/v1", model="smol-llamacpp", max_tokens=16)
 
         async def ask() -> list[str]:
-            async with TeacherClient(cfg) as client:
+            async with ChatClient(cfg) as client:
                 return await client.complete(ASK, n=2, temperature=0.9, seed=5)
 
         texts = asyncio.run(ask())
@@ -111,7 +112,7 @@ def test_merged_lora_export_matches_transformers(tmp_path: Path) -> None:
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    settings = Settings(data_dir=tmp_path / "data", student_threads=1)
+    settings = Settings.from_env(data={"data_dir": tmp_path / "data"}, student={"threads": 1})
     tok, base, _ = load_base_model(settings)
     torch.manual_seed(0)
     cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -137,4 +138,4 @@ def test_merged_lora_export_matches_transformers(tmp_path: Path) -> None:
     assert export_student_gguf(settings, adapter) == q8  # cached
     assert np.corrcoef(_logits_llamacpp(q8, ids), ref)[0, 1] > 0.99
     student = LlamaCppStudent(settings, adapter_dir=adapter)
-    assert student.model_version == f"{settings.student_model_version}+lora-x" and student.gguf == q8
+    assert student.model_version == f"{settings.student.model_version}+lora-x" and student.gguf == q8

@@ -17,7 +17,8 @@ import httpx
 import numpy as np
 import pytest
 
-from models.teacher import TeacherClient, TeacherConfig
+from models.openai_client import ChatClient
+from streams.settings import TeacherSettings
 from retrain.dataset import read_records
 from retrain.rationales import (
     _existing_users,
@@ -115,7 +116,7 @@ class HashEncoder:
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
-def fake_teacher(requests: list[dict]) -> TeacherClient:
+def fake_teacher(requests: list[dict]) -> ChatClient:
     def handler(request: httpx.Request) -> httpx.Response:
         body = json.loads(request.content)
         requests.append(body)
@@ -124,7 +125,7 @@ def fake_teacher(requests: list[dict]) -> TeacherClient:
         return httpx.Response(200, json={"model": body["model"], "choices": choices,
                                          "usage": {"prompt_tokens": 10, "completion_tokens": 5}})
 
-    return TeacherClient(TeacherConfig(teacher_url="http://fake/v1", teacher_model="fake"),
+    return ChatClient(TeacherSettings(url="http://fake/v1", model="fake"),
                          transport=httpx.MockTransport(handler))
 
 

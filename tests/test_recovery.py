@@ -2,7 +2,7 @@
 
 Tansu answers ListOffsets(latest) with the last *batch's* base offset + 1. When changelog records are
 batched, Faust's recovery believes it has reached the end early and silently drops the rest of the last
-batch. The worker sends one record per batch on Tansu (``one_record_per_batch``); this test compares,
+batch. The worker sends one record per batch on Tansu (``kafka.one_record_per_batch``); this test compares,
 for every user, the recovered window with the window recomputed from the interactions topic with the
 worker's own rules, so a single lost changelog update fails it. The control case turns the setting off
 and shows the comparison does catch the loss.
@@ -27,7 +27,7 @@ from tests.conftest import WorkerProcess, run, worker_env
 from tests.kafka_io import committed_offsets, end_offsets, event, expected_windows, publish, read_until
 
 pytestmark = pytest.mark.slow
-S = Settings()
+S = Settings.from_env()
 USERS, EVENTS_PER_USER, TAIL_EVENTS = 12, 15, 3
 
 
@@ -43,7 +43,7 @@ def wait_all_committed(bootstrap: str, partitions: int, total: int, worker: Work
     """Until the worker's consumer group has committed ``total`` interactions (all partitions together)."""
     deadline = time.monotonic() + 60
     while True:
-        committed = run(committed_offsets(bootstrap, S.app_id, S.topic_interactions, partitions))
+        committed = run(committed_offsets(bootstrap, S.kafka.app_id, S.kafka.topic_interactions, partitions))
         if sum(max(0, o) for o in committed.values()) >= total:
             return
         assert time.monotonic() < deadline, (committed, total, worker.log_tail())
@@ -60,8 +60,8 @@ def restart_and_compare(tmp_path: Path, data_dir: Path, qdrant: Path, **env: str
     # Linger makes the producer gather the burst's changelog writes into multi-record batches, the case
     # Tansu's ListOffsets answer gets wrong.
     env.setdefault("SLIMSTREAM_PRODUCER_LINGER_MS", "300")
-    partitions = int(env.get("SLIMSTREAM_TOPIC_PARTITIONS", S.topic_partitions))
-    changelog = S.changelog_topic(WINDOWS_TABLE)
+    partitions = int(env.get("SLIMSTREAM_TOPIC_PARTITIONS", S.kafka.topic_partitions))
+    changelog = S.kafka.changelog_topic(WINDOWS_TABLE)
     with EmbeddedBroker() as broker:
         worker = WorkerProcess(worker_env(broker, data_dir, qdrant, **env), tmp_path / "worker.log")
         worker.start()
@@ -73,10 +73,10 @@ def restart_and_compare(tmp_path: Path, data_dir: Path, qdrant: Path, **env: str
         # then share the changelog's last batch whatever the machine's speed, so "the end of the log" is a
         # multi-record batch every run (the case Tansu misreports), not by the luck of the burst's timing.
         body, tail = records[:-TAIL_EVENTS], records[-TAIL_EVENTS:]
-        run(publish(broker.bootstrap_servers, S.topic_interactions, body, linger_ms=50))
+        run(publish(broker.bootstrap_servers, S.kafka.topic_interactions, body, linger_ms=50))
         worker.wait_until(lambda h: worker.metrics().get("events_applied", 0) >= len(body), 120)
         assert len(run(read_until(broker.bootstrap_servers, changelog, lambda r: len(r) >= len(body), 30))) == len(body)
-        run(publish(broker.bootstrap_servers, S.topic_interactions, tail, linger_ms=50))
+        run(publish(broker.bootstrap_servers, S.kafka.topic_interactions, tail, linger_ms=50))
         total = len(records)
         worker.wait_until(lambda h: worker.metrics().get("events_applied", 0) >= total, 120)
         before = {u: worker.get(f"/window/{u}/") for u in hist}

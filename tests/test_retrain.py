@@ -253,7 +253,7 @@ def _skipped(reason: object) -> CycleResult:
 async def test_every_wakes_on_a_drift_decision_and_falls_back_to_the_timer(kafka: EmbeddedBroker) -> None:
     decision = DriftDecision(fired=[FiredSignal(signal="genre_psi", value=0.5, threshold=0.2, samples=2000)],
                              model_version=None, events_seen=3000)
-    settings = Settings(kafka_bootstrap_servers=kafka.bootstrap_servers, topic_drift="drift-test")
+    settings = Settings.from_env(kafka={"bootstrap_servers": kafka.bootstrap_servers, "topic_drift": "drift-test"})
     await _publish(kafka.bootstrap_servers, "drift-test", [(b"drift", b'{"old": true}')])  # creates the topic
     reasons: list[object] = []
     first_done = asyncio.Event()
@@ -272,7 +272,7 @@ async def test_every_wakes_on_a_drift_decision_and_falls_back_to_the_timer(kafka
     assert reasons == [None, decision]  # the old message before the start is not a wake-up
 
     timer_only: list[object] = []
-    no_topic = settings.model_copy(update={"topic_drift": "no-such-drift-topic"})
+    no_topic = settings.updated(kafka={"topic_drift": "no-such-drift-topic"})
     await asyncio.wait_for(retrain_every(0.2, lambda r: timer_only.append(r) or _skipped(r), no_topic,
                                          max_cycles=3), 30)
     assert timer_only == [None, None, None]
@@ -284,7 +284,7 @@ async def test_the_default_publisher_announces_the_promotion_as_a_model_update(k
     from streams.events import ModelUpdate
     from tests.kafka_io import read_until
 
-    settings = Settings(kafka_bootstrap_servers=kafka.bootstrap_servers, topic_model_updates="retrain-model-updates")
+    settings = Settings.from_env(kafka={"bootstrap_servers": kafka.bootstrap_servers, "topic_model_updates": "retrain-model-updates"})
     reg = ModelRegistry(tmp_path / "reg")
     (reg.root / "v0007" / "adapter").mkdir(parents=True)
     (reg.root / "v0007" / "adapter" / "adapter_config.json").write_text("{}")
@@ -344,16 +344,7 @@ def world(kafka: EmbeddedBroker, teacher_server, data_dir: Path,  # type: ignore
           tmp_path_factory: pytest.TempPathFactory) -> World:
     from tests.test_teacher import MODEL
 
-    settings = Settings(
-        data_dir=data_dir, dataset="ml-100k", kafka_bootstrap_servers=kafka.bootstrap_servers,
-        topic_interactions="retrain-interactions",
-        student_threads=1, student_max_new_tokens=24, teacher_url=teacher_server.url + "/v1", teacher_model=MODEL,
-        teacher_max_concurrency=1, teacher_timeout_s=60, teacher_backoff_base_s=0.2, prompt_max_items=5,
-        retrain_window_size=5, retrain_targets=2, retrain_holdout_events=2, retrain_samples=2,
-        retrain_teacher_max_tokens=32, retrain_max_steps=2, retrain_batch_size=2, retrain_max_seq_len=384,
-        retrain_max_users=USERS_PER_BATCH, retrain_holdout_users=0.34, retrain_replay_fraction=0.5,
-        # The first cycle must promote whatever it gets: a margin of 1 accepts any NDCG in [0, 1].
-        retrain_gate_margin=1.0)
+    settings = Settings.from_env(data={"data_dir": data_dir, "dataset": "ml-100k"}, kafka={"bootstrap_servers": kafka.bootstrap_servers, "topic_interactions": "retrain-interactions"}, student={"threads": 1, "max_new_tokens": 24, "prompt_max_items": 5}, teacher={"url": teacher_server.url + "/v1", "model": MODEL, "max_concurrency": 1, "timeout_s": 60, "backoff_base_s": 0.2}, retrain={"window_size": 5, "targets": 2, "holdout_events": 2, "samples": 2, "teacher_max_tokens": 32, "max_steps": 2, "batch_size": 2, "max_seq_len": 384, "max_users": USERS_PER_BATCH, "holdout_users": 0.34, "replay_fraction": 0.5, "gate_margin": 1.0})
     return World(settings, ModelRegistry(tmp_path_factory.mktemp("retrain-registry")), _batches())
 
 
@@ -363,18 +354,18 @@ DECISION = DriftDecision(fired=[FiredSignal(signal="genre_js", value=0.31, thres
 
 @pytest.fixture(scope="module")
 def first_cycle(world: World) -> CycleResult:
-    asyncio.run(_publish(world.settings.kafka_bootstrap_servers, world.settings.topic_interactions,
+    asyncio.run(_publish(world.settings.kafka.bootstrap_servers, world.settings.kafka.topic_interactions,
                          _records(world.batches[0])))
     return retrain_once(world.settings, registry=world.registry, drift_reason=DECISION, publish=world.publish)
 
 
 @pytest.fixture(scope="module")
 def second_cycle(world: World, first_cycle: CycleResult) -> CycleResult:
-    asyncio.run(_publish(world.settings.kafka_bootstrap_servers, world.settings.topic_interactions,
+    asyncio.run(_publish(world.settings.kafka.bootstrap_servers, world.settings.kafka.topic_interactions,
                          _records(world.batches[1])))
     # The candidate's metrics are given and the gate demands a gain of 0.01 over the current student: the
     # candidate is rejected whatever the tiny held-out set measures.
-    strict = world.settings.model_copy(update={"retrain_gate_margin": -0.01})
+    strict = world.settings.updated(retrain={"gate_margin": -0.01})
     return retrain_once(strict, registry=world.registry, publish=world.publish,
                         candidate_metrics={"ndcg@10": 0.0, "hr@10": 0.0})
 

@@ -22,7 +22,7 @@ from tests.conftest import WorkerProcess, run, worker_env
 from tests.kafka_io import event, publish, read_until
 
 pytestmark = pytest.mark.slow
-S = Settings()
+S = Settings.from_env()
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +85,9 @@ def test_malformed_events_go_to_dead_letter_and_stream_goes_on(stream_broker, st
         event(user, items[1], 1001.0),
         event(user, items[2], 1002.0),
     ]
-    run(publish(stream_broker.bootstrap_servers, S.topic_interactions, records))
+    run(publish(stream_broker.bootstrap_servers, S.kafka.topic_interactions, records))
 
-    dlq = run(read_until(stream_broker.bootstrap_servers, S.topic_dead_letter, lambda r: len(r) >= 4, 120))
+    dlq = run(read_until(stream_broker.bootstrap_servers, S.kafka.topic_dead_letter, lambda r: len(r) >= 4, 120))
     letters = [DeadLetter.model_validate_json(r.value) for r in dlq]
     assert len(letters) == 4
     reasons = sorted(letter.error for letter in letters)
@@ -99,9 +99,9 @@ def test_malformed_events_go_to_dead_letter_and_stream_goes_on(stream_broker, st
     import base64
     raws = {base64.b64decode(letter.raw) for letter in letters}
     assert records[1][1] in raws and records[4][1] in raws
-    assert all(letter.source_topic == S.topic_interactions and letter.source_offset >= 0 for letter in letters)
+    assert all(letter.source_topic == S.kafka.topic_interactions and letter.source_offset >= 0 for letter in letters)
 
-    recs = run(read_until(stream_broker.bootstrap_servers, S.topic_recommendations,
+    recs = run(read_until(stream_broker.bootstrap_servers, S.kafka.topic_recommendations,
                           lambda r: any(x.window_version == 3 for x in recs_for(r, user)), 120))
     versions = {x.window_version for x in recs_for(recs, user)}
     # A window's version counts its applied events, and the window holds each of them: the three valid
@@ -114,9 +114,9 @@ def test_event_under_wrong_key_is_rekeyed_not_lost(stream_broker, stream_worker,
     user = "rekey-user"
     item = sorted(catalogue_ids)[10]
     _, value = event(user, item, 2000.0)
-    run(publish(stream_broker.bootstrap_servers, S.topic_interactions, [(b"someone-else", value), (None, value)]))
+    run(publish(stream_broker.bootstrap_servers, S.kafka.topic_interactions, [(b"someone-else", value), (None, value)]))
     # Both copies are re-published under the user's key and applied (no event_id: two events), none lost.
-    recs = run(read_until(stream_broker.bootstrap_servers, S.topic_recommendations,
+    recs = run(read_until(stream_broker.bootstrap_servers, S.kafka.topic_recommendations,
                           lambda r: any(x.window_version == 2 for x in recs_for(r, user)), 120))
     mine = recs_for(recs, user)
     assert mine and mine[-1].window_version == 2 and item not in {i.item_id for i in mine[-1].items}
@@ -127,12 +127,12 @@ def test_burst_is_coalesced_into_few_student_calls(stream_broker, stream_worker,
     history = next(iter(ml1m_histories.values()))[:20]
     user = "burst-user"
     records = [event(user, it.item_id, it.timestamp) for it in history]
-    run(publish(stream_broker.bootstrap_servers, S.topic_interactions, records))
+    run(publish(stream_broker.bootstrap_servers, S.kafka.topic_interactions, records))
 
     def last_rationale_arrived(rs) -> bool:  # type: ignore[no-untyped-def]
         return any(x.path.value == "slow" and x.rationale_window_version == 20 for x in recs_for(rs, user))
 
-    recs = recs_for(run(read_until(stream_broker.bootstrap_servers, S.topic_recommendations,
+    recs = recs_for(run(read_until(stream_broker.bootstrap_servers, S.kafka.topic_recommendations,
                                    last_rationale_arrived, 300)), user)
     fast = [r for r in recs if r.path.value == "fast"]
     slow = [r for r in recs if r.path.value == "slow"]
@@ -157,13 +157,13 @@ def test_end_to_end_recommendations_with_rationales(stream_broker, stream_worker
     records = []
     for user, hist in users.items():
         records += [event(user, it.item_id, it.timestamp, event_id=f"{user}-{k}") for k, it in enumerate(hist[:n])]
-    run(publish(stream_broker.bootstrap_servers, S.topic_interactions, records))
+    run(publish(stream_broker.bootstrap_servers, S.kafka.topic_interactions, records))
 
     def all_current(rs) -> bool:  # type: ignore[no-untyped-def]
         return all(any(x.path.value == "slow" and x.rationale_window_version == n for x in recs_for(rs, u))
                    for u in users)
 
-    records_out = run(read_until(stream_broker.bootstrap_servers, S.topic_recommendations, all_current, 300))
+    records_out = run(read_until(stream_broker.bootstrap_servers, S.kafka.topic_recommendations, all_current, 300))
     assert all_current(records_out), stream_worker.log_tail()
     for user, hist in users.items():
         window = {it.item_id for it in hist[:n]}
@@ -173,8 +173,8 @@ def test_end_to_end_recommendations_with_rationales(stream_broker, stream_worker
         final = [r for r in recs if r.path.value == "slow" and r.rationale_window_version == n][-1]
         assert final.rationale_current and final.window_version == n
         assert len(final.rationale) > 40
-        assert final.rationale_model_version == S.student_model_version
-        assert len(final.items) == S.top_k
+        assert final.rationale_model_version == S.student.model_version
+        assert len(final.items) == S.retrieval.top_k
         ids = [i.item_id for i in final.items]
         assert set(ids) <= catalogue_ids, "recommended items come from the ML-1M catalogue"
         assert not set(ids) & window, "items already in the window are excluded"
@@ -184,7 +184,7 @@ def test_end_to_end_recommendations_with_rationales(stream_broker, stream_worker
     stream_worker.stop()
     from vectorstore.store import VectorStore
 
-    store = VectorStore(Settings(data_dir=data_dir, qdrant_path=str(indexed_qdrant)))
+    store = VectorStore(Settings.from_env(data={"data_dir": data_dir}, qdrant={"path": str(indexed_qdrant)}))
     try:
         points = store.rationale_points()
     finally:

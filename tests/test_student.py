@@ -66,7 +66,7 @@ def test_postprocess_never_empties_content() -> None:
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     # One intra-op thread: on a 2-core box shared with other processes, two OpenMP threads spin-wait on
     # each other and a 48-token batch takes 10-100 s instead of ~6 s.
-    return Settings(data_dir=tmp_path_factory.mktemp("student-data"), student_max_new_tokens=48, student_threads=1)
+    return Settings.from_env(data={"data_dir": tmp_path_factory.mktemp("student-data")}, student={"max_new_tokens": 48, "threads": 1})
 
 
 @pytest.fixture(scope="module")
@@ -90,11 +90,11 @@ def test_second_load_uses_the_cache(settings: Settings, from_gguf: TransformersS
     assert from_gguf.loaded_from == "gguf"
     assert from_cache.loaded_from == "cache"
     assert isinstance(from_cache, StudentBackend)
-    caches = [p for p in (Path(settings.data_dir) / "student").iterdir() if p.is_dir()]
+    caches = [p for p in (Path(settings.data.data_dir) / "student").iterdir() if p.is_dir()]
     assert len(caches) == 1 and (caches[0] / "model.safetensors").is_file()
     assert not any(p.name.startswith(".") for p in caches[0].parent.iterdir())  # no temp dir left behind
     assert from_cache.load_seconds < from_gguf.load_seconds
-    assert from_cache.model_version == settings.student_model_version
+    assert from_cache.model_version == settings.student.model_version
 
 
 @pytest.mark.slow
@@ -160,7 +160,7 @@ def test_lora_adapter_is_merged_and_versioned(
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    cache = next(p for p in (Path(settings.data_dir) / "student").iterdir() if p.is_dir())
+    cache = next(p for p in (Path(settings.data.data_dir) / "student").iterdir() if p.is_dir())
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(str(cache), dtype=torch.float32)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -169,7 +169,7 @@ def test_lora_adapter_is_merged_and_versioned(
 
     tuned = TransformersStudent(settings, adapter_dir=adapter_dir)
     assert tuned.loaded_from == "cache"
-    assert tuned.model_version == f"{settings.student_model_version}+slim-lora-test"
+    assert tuned.model_version == f"{settings.student.model_version}+slim-lora-test"
     assert not any("lora" in name for name, _ in tuned.model.named_parameters())  # merged, plain model
     q_tuned = tuned.model.model.layers[0].self_attn.q_proj.weight
     q_base = from_cache.model.model.layers[0].self_attn.q_proj.weight

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from models.teacher import (
+from models.openai_client import (
+    ChatClient,
+    ChatRequestError,
+    ChatTimeoutError,
     ResponseCache,
-    TeacherClient,
-    TeacherConfig,
-    TeacherRequestError,
-    TeacherTimeoutError,
     parse_retry_after,
     request_key,
 )
+from streams.settings import TeacherSettings
 from tests.conftest import TEACHER_MODEL, ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def chat(i: int) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """``data_dir`` is the session's: the de-quantized SmolLM2 cache is shared with the worker tests."""
+    """``data.data_dir`` is the session's: the de-quantized SmolLM2 cache is shared with the worker tests."""
     srv = Server.teacher(data_dir, tmp_path_factory.mktemp("teacher-server") / "server.log")
     try:
         srv.wait_ready()
@@ -56,11 +56,11 @@ def server(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     assert srv.proc.returncode == 0, srv.log_tail()  # SIGTERM is a clean shutdown
 
 
-def config(server: Server, **overrides: object) -> TeacherConfig:
-    values: dict[str, object] = {"teacher_url": server.url + "/v1", "teacher_model": MODEL,
-                                 "teacher_max_tokens": 8, "teacher_backoff_base_s": 0.2, "teacher_timeout_s": 60}
+def config(server: Server, **overrides: object) -> TeacherSettings:
+    values: dict[str, object] = {"url": server.url + "/v1", "model": MODEL,
+                                 "max_tokens": 8, "backoff_base_s": 0.2, "timeout_s": 60}
     values.update(overrides)
-    return TeacherConfig(**values)  # type: ignore[arg-type]
+    return TeacherSettings(**values)  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
@@ -72,9 +72,9 @@ async def test_models_and_health(server: Server) -> None:
 
 @pytest.mark.slow
 async def test_completion_returns_text_and_usage(server: Server, tmp_path: Path) -> None:
-    cfg = config(server, teacher_price_prompt_per_1k=1.0, teacher_price_completion_per_1k=2.0)
+    cfg = config(server, price_prompt_per_1k=1.0, price_completion_per_1k=2.0)
     before = server.metrics()["requests_total"]
-    async with TeacherClient(cfg, cache_dir=tmp_path) as teacher:
+    async with ChatClient(cfg, cache_dir=tmp_path) as teacher:
         result = await teacher.complete_detailed(ANIMATION, temperature=0.0, max_tokens=10)
         stats = teacher.stats
     assert len(result.texts) == 1 and result.texts[0].strip()
@@ -89,8 +89,8 @@ async def test_completion_returns_text_and_usage(server: Server, tmp_path: Path)
 
 @pytest.mark.slow
 async def test_identical_call_is_served_from_the_cache(server: Server, tmp_path: Path) -> None:
-    cfg = config(server, teacher_price_prompt_per_1k=1.0)
-    async with TeacherClient(cfg, cache_dir=tmp_path) as teacher:
+    cfg = config(server, price_prompt_per_1k=1.0)
+    async with ChatClient(cfg, cache_dir=tmp_path) as teacher:
         first = await teacher.complete_detailed(ANIMATION, temperature=0.0)
         requests = server.metrics()["requests_total"]
         again = await teacher.complete_detailed(ANIMATION, temperature=0.0)
@@ -102,7 +102,7 @@ async def test_identical_call_is_served_from_the_cache(server: Server, tmp_path:
         assert server.metrics()["requests_total"] == requests + 1
 
     # A rerun (new client, same directory) costs nothing either.
-    async with TeacherClient(cfg, cache_dir=tmp_path) as rerun:
+    async with ChatClient(cfg, cache_dir=tmp_path) as rerun:
         assert await rerun.complete(ANIMATION, temperature=0.0) == first.texts
         assert rerun.stats.http_requests == 0 and rerun.stats.cost_usd == 0.0
     assert server.metrics()["requests_total"] == requests + 1
@@ -110,7 +110,7 @@ async def test_identical_call_is_served_from_the_cache(server: Server, tmp_path:
 
 @pytest.mark.slow
 async def test_samples_are_reproducible_with_a_seed(server: Server) -> None:
-    async with TeacherClient(config(server)) as teacher:  # no cache: both calls reach the server
+    async with ChatClient(config(server)) as teacher:  # no cache: both calls reach the server
         a = await teacher.complete(ANIMATION, n=2, temperature=1.0, seed=11, max_tokens=6)
         b = await teacher.complete(ANIMATION, n=2, temperature=1.0, seed=11, max_tokens=6)
     assert len(a) == 2 and a == b
@@ -124,7 +124,7 @@ class CeilingRandom(random.Random):
 
 @pytest.mark.slow
 async def test_stop_sequence_ends_the_completion(server: Server) -> None:
-    async with TeacherClient(config(server)) as teacher:
+    async with ChatClient(config(server)) as teacher:
         full = (await teacher.complete(ANIMATION, temperature=0.0, max_tokens=10))[0]
         words = full.split()
         assert len(words) >= 3, full
@@ -139,7 +139,7 @@ async def test_client_keeps_its_concurrency_bound(server: Server) -> None:
     server.wait_idle()
     # The server refuses any second simultaneous request: no 503 at all means never two in flight.
     rejected = server.metrics()["rejected_overloaded"]
-    async with TeacherClient(config(server, teacher_max_concurrency=1)) as teacher:
+    async with ChatClient(config(server, max_concurrency=1)) as teacher:
         results = await asyncio.gather(*(teacher.complete(chat(i), temperature=0.0, max_tokens=4) for i in range(3)))
         stats = teacher.stats
     assert all(r[0].strip() for r in results)
@@ -151,7 +151,7 @@ async def test_client_keeps_its_concurrency_bound(server: Server) -> None:
 async def test_overloaded_server_answers_503_and_the_client_retries(server: Server) -> None:
     server.wait_idle()
     rejected = server.metrics()["rejected_overloaded"]
-    async with TeacherClient(config(server, teacher_max_concurrency=2, teacher_max_retries=8)) as teacher:
+    async with ChatClient(config(server, max_concurrency=2, max_retries=8)) as teacher:
         started = time.monotonic()
         results = await asyncio.gather(*(teacher.complete(chat(i), temperature=0.0, max_tokens=4)
                                          for i in (10, 11)))
@@ -168,9 +168,9 @@ async def test_timeout_is_retried_then_raised_and_the_generation_stops(server: S
     server.wait_idle()
     before = server.metrics()
     # Backoff at its ceiling (1 s): the server has stopped the first generation before the retry arrives.
-    cfg = config(server, teacher_timeout_s=0.3, teacher_max_retries=1, teacher_backoff_base_s=1.0)
-    async with TeacherClient(cfg, rng=CeilingRandom()) as teacher:
-        with pytest.raises(TeacherTimeoutError) as info:
+    cfg = config(server, timeout_s=0.3, max_retries=1, backoff_base_s=1.0)
+    async with ChatClient(cfg, rng=CeilingRandom()) as teacher:
+        with pytest.raises(ChatTimeoutError) as info:
             await teacher.complete(chat(99), temperature=0.0, max_tokens=500)
         assert info.value.attempts == 2 and teacher.stats.http_requests == 2 and teacher.stats.retries == 1
     # The server saw both attempts, and stopped each generation when its client went away.
@@ -183,13 +183,13 @@ async def test_timeout_is_retried_then_raised_and_the_generation_stops(server: S
 @pytest.mark.slow
 async def test_4xx_is_not_retried(server: Server) -> None:
     before = server.metrics()["requests_total"]
-    async with TeacherClient(config(server, teacher_max_retries=5)) as teacher:
-        with pytest.raises(TeacherRequestError) as bad:
+    async with ChatClient(config(server, max_retries=5)) as teacher:
+        with pytest.raises(ChatRequestError) as bad:
             await teacher.complete([], temperature=0.0)
         assert bad.value.status == 400 and "messages" in bad.value.message
         assert teacher.stats.http_requests == 1 and teacher.stats.retries == 0 and teacher.stats.failures == 1
-    async with TeacherClient(config(server, teacher_model="no-such-model", teacher_max_retries=5)) as other:
-        with pytest.raises(TeacherRequestError) as unknown:
+    async with ChatClient(config(server, model="no-such-model", max_retries=5)) as other:
+        with pytest.raises(ChatRequestError) as unknown:
             await other.complete(ANIMATION)
         assert unknown.value.status == 404 and other.stats.http_requests == 1
     assert server.metrics()["requests_total"] == before + 2
@@ -207,8 +207,8 @@ def test_retry_after_header() -> None:
 
 
 async def test_backoff_is_jittered_exponential_and_honours_retry_after() -> None:
-    cfg = TeacherConfig(teacher_backoff_base_s=0.5, teacher_backoff_max_s=4.0)
-    async with TeacherClient(cfg, rng=random.Random(0)) as client:
+    cfg = TeacherSettings(backoff_base_s=0.5, backoff_max_s=4.0)
+    async with ChatClient(cfg, rng=random.Random(0)) as client:
         for attempt in range(8):
             ceiling = min(4.0, 0.5 * 2**attempt)
             delays = [client._backoff(attempt, None) for _ in range(50)]
@@ -221,18 +221,13 @@ def test_request_key_and_config() -> None:
     assert request_key(a) == request_key(dict(reversed(list(a.items()))))
     assert request_key(a) != request_key({**a, "seed": 1})
 
-    class FakeSettings:
-        teacher_url = "http://h:1/v1"
-        teacher_api_key = "sk-test"
-        teacher_max_retries = 2
-        window_size = 20
-
-    cfg = TeacherConfig.from_settings(FakeSettings())
-    assert (cfg.teacher_url, cfg.teacher_max_retries) == ("http://h:1/v1", 2)
-    assert cfg.teacher_api_key is not None and "sk-test" not in repr(cfg)
+    cfg = TeacherSettings.from_env({"SLIMSTREAM_TEACHER_URL": "http://h:1/v1", "SLIMSTREAM_TEACHER_API_KEY": "sk-test",
+                                    "SLIMSTREAM_TEACHER_MAX_RETRIES": "2", "SLIMSTREAM_WINDOW_SIZE": "20"})
+    assert (cfg.url, cfg.max_retries, cfg.model) == ("http://h:1/v1", 2, "qwen2.5-coder-0.5b-instruct")
+    assert cfg.api_key is not None and "sk-test" not in repr(cfg)
     assert cfg.cost(2000, 1000) == 0.0
     with pytest.raises(Exception):
-        cfg.teacher_url = "x"  # type: ignore[misc]  # frozen
+        cfg.url = "x"  # type: ignore[misc]  # frozen
 
 
 def test_cache_is_safe_for_concurrent_writers(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ SMALL = 200  # first ML-1M items: enough for retrieval to mean something, quick 
 def encoder(tmp_path_factory: pytest.TempPathFactory) -> OnnxMiniLMEncoder:
     # Same cache directory as tests/test_encoder.py, so the session exports the model once.
     data_dir = tmp_path_factory.getbasetemp() / "shared-encoder-data"
-    enc = load_encoder(Settings(data_dir=data_dir))
+    enc = load_encoder(Settings.from_env(data={"data_dir": data_dir}))
     assert isinstance(enc, OnnxMiniLMEncoder)
     return enc
 
@@ -34,7 +34,7 @@ def catalogue() -> list[Item]:
 
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
-    return Settings(data_dir=tmp_path, qdrant_path=str(tmp_path / "q"), qdrant_url=None)
+    return Settings.from_env(data={"data_dir": tmp_path}, qdrant={"path": str(tmp_path / "q"), "url": None})
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def indexed(tmp_path_factory: pytest.TempPathFactory, encoder: OnnxMiniLMEncoder
             catalogue: list[Item]) -> Iterator[VectorStore]:
     """The small catalogue, indexed once for the tests that only read it."""
     data_dir = tmp_path_factory.mktemp("indexed")
-    s = VectorStore(Settings(data_dir=data_dir, qdrant_path=str(data_dir / "q"), qdrant_url=None))
+    s = VectorStore(Settings.from_env(data={"data_dir": data_dir}, qdrant={"path": str(data_dir / "q"), "url": None}))
     index_catalogue(s, encoder, catalogue)
     yield s
     s.close()
@@ -79,7 +79,7 @@ def test_index_catalogue_is_idempotent(store: VectorStore, encoder: OnnxMiniLMEn
     assert first == IndexReport(total=SMALL, embedded=SMALL, unchanged=0, removed=0)
     assert calls[0] == (0, SMALL) and calls[-1] == (SMALL, SMALL)
     assert [d for d, _ in calls] == sorted(d for d, _ in calls)
-    assert store.count(settings.collection_items) == SMALL
+    assert store.count(settings.qdrant.collection_items) == SMALL
 
     calls.clear()
     assert index_catalogue(store, encoder, catalogue, progress=lambda d, t: calls.append((d, t))) == \
@@ -95,11 +95,11 @@ def test_index_catalogue_is_idempotent(store: VectorStore, encoder: OnnxMiniLMEn
     assert store.get_items([target.item_id])[target.item_id]["title"] == "A Completely Different Film"
     after = store.get_item_vectors([target.item_id])[target.item_id]
     assert float(before @ after) < 0.99
-    assert store.count(settings.collection_items) == SMALL
+    assert store.count(settings.qdrant.collection_items) == SMALL
 
     # items gone from the catalogue are deleted
     assert index_catalogue(store, encoder, edited[5:]) == IndexReport(SMALL - 5, 0, SMALL - 5, 5)
-    assert store.count(settings.collection_items) == SMALL - 5
+    assert store.count(settings.qdrant.collection_items) == SMALL - 5
     assert store.get_items([i.item_id for i in edited[:5]]) == {}
 
 
@@ -183,7 +183,7 @@ def test_rationale_versions_only_move_forward(store: VectorStore, encoder: OnnxM
     assert store.get_rationale("u1")[1]["window_version"] == 6  # type: ignore[index]
 
     assert store.upsert_rationale("u2", v_old, {**payload(old_text, 1), "user_id": "u2"})
-    assert store.count(settings.collection_rationales) == 2
+    assert store.count(settings.qdrant.collection_rationales) == 2
     assert sorted((p["user_id"], p["window_version"]) for p in store.rationale_points()) == [("u1", 6), ("u2", 1)]
 
     # The windows changelog was lost (a new Kafka cluster) while Qdrant kept u1's rationale at version 6: the
@@ -202,7 +202,7 @@ def test_rationale_versions_only_move_forward(store: VectorStore, encoder: OnnxM
 def test_local_directory_lock_is_explained(store: VectorStore, settings: Settings) -> None:
     with pytest.raises(StoreLockedError) as err:
         VectorStore(settings)
-    assert str(settings.resolved_qdrant_path) in str(err.value)
+    assert str(settings.qdrant_path) in str(err.value)
     assert "another process" in str(err.value)
     store.close()
     VectorStore(settings).close()  # free again once the holder closes
@@ -211,7 +211,7 @@ def test_local_directory_lock_is_explained(store: VectorStore, settings: Setting
 def test_ensure_collections(store: VectorStore, settings: Settings) -> None:
     store.ensure_collections(384)
     store.ensure_collections(384)  # idempotent
-    assert store.count(settings.collection_items) == 0
-    assert store.count(settings.collection_rationales) == 0
+    assert store.count(settings.qdrant.collection_items) == 0
+    assert store.count(settings.qdrant.collection_rationales) == 0
     with pytest.raises(ValueError, match="384-d"):
         store.ensure_collections(768)

@@ -30,7 +30,7 @@ from streams.settings import Settings
 from tests.conftest import ROOT, ServerProcess, WorkerProcess, random_adapter_registry, worker_env
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-BASE = Settings().student_model_version
+BASE = Settings.from_env().student.model_version
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,10 @@ def vllm(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[s
         server.stop()
 
 
-def _settings(data_dir: Path, registry: ModelRegistry, url: str, **extra: object) -> Settings:
-    return Settings(data_dir=data_dir, registry_dir=registry.root, student_backend="openai", student_url=url,
-                    student_max_new_tokens=40, student_batch_size=1, student_deadline_s=120, **extra)
+def _settings(data_dir: Path, registry: ModelRegistry, url: str, **student: object) -> Settings:
+    return Settings.from_env(data={"data_dir": data_dir, "registry_dir": registry.root},
+                             student={"backend": "openai", "url": url, "max_new_tokens": 40, "batch_size": 1,
+                                      "deadline_s": 120, **student})
 
 
 PROMPTS = [
@@ -84,7 +85,7 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def reference(data_dir: Path, registry: ModelRegistry) -> dict[str, list[str]]:
     """The in-process transformers student's greedy rationales: base, and with the adapter merged."""
-    s = Settings(data_dir=data_dir, student_max_new_tokens=40, student_batch_size=1)
+    s = Settings.from_env(data={"data_dir": data_dir}, student={"max_new_tokens": 40, "batch_size": 1})
     out = {"base": TransformersStudent(s).generate(PROMPTS)}
     out["v0001"] = TransformersStudent(s, adapter_dir=registry.adapter_dir("v0001")).generate(PROMPTS)
     return out
@@ -139,25 +140,25 @@ def test_refusals_are_clear_errors(vllm: str, data_dir: Path, registry: ModelReg
     shutil.copytree(registry.root / "v0001", other / "v0002")
     config = json.loads((other / "v0002/adapter/adapter_config.json").read_text())
     (other / "v0002/adapter/adapter_config.json").write_text(json.dumps({**config, "revision": "other"}))
-    wrong_root = _settings(data_dir, ModelRegistry(other), vllm, student_lora_root="/nonexistent/registry")
+    wrong_root = _settings(data_dir, ModelRegistry(other), vllm, lora_root="/nonexistent/registry")
     with pytest.raises(LoraAdapterError, match=r"HTTP 404.*No adapter found"):
         OpenAIStudent(wrong_root, adapter_dir=other / "v0002/adapter")
     # No server at all.
-    down = _settings(data_dir, registry, f"http://127.0.0.1:{free_port()}/v1", student_connect_timeout_s=2)
+    down = _settings(data_dir, registry, f"http://127.0.0.1:{free_port()}/v1", connect_timeout_s=2)
     with pytest.raises(StudentError, match="cannot list models"):
         OpenAIStudent(down)
     # A base model name the server does not serve.
     with pytest.raises(StudentError, match="does not serve 'no-such-model'"):
-        OpenAIStudent(_settings(data_dir, registry, vllm, student_served_model="no-such-model"))
+        OpenAIStudent(_settings(data_dir, registry, vllm, served_model="no-such-model"))
 
 
 def test_server_paths_are_re_rooted_under_the_servers_mount(data_dir: Path, registry: ModelRegistry) -> None:
-    s = _settings(data_dir, registry, "http://127.0.0.1:1/v1", student_lora_root="/srv/slimstream/registry/")
+    s = _settings(data_dir, registry, "http://127.0.0.1:1/v1", lora_root="/srv/slimstream/registry/")
     student = OpenAIStudent.__new__(OpenAIStudent)
     student.settings = s
     assert student.server_path(registry.adapter_dir("v0001")) == "/srv/slimstream/registry/v0001/adapter"
     assert student.server_path(Path("/elsewhere/adapter")) == "/elsewhere/adapter"
-    student.settings = s.model_copy(update={"student_lora_root": None})
+    student.settings = s.updated(student={"lora_root": None})
     assert student.server_path(registry.adapter_dir("v0001")) == str(registry.adapter_dir("v0001").resolve())
 
 

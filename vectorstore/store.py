@@ -69,14 +69,14 @@ class VectorStore:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.items_collection = settings.collection_items
-        self.rationales_collection = settings.collection_rationales
-        self.local = not settings.qdrant_url
-        if settings.qdrant_url:
-            self.location = settings.qdrant_url
-            self.client = QdrantClient(url=settings.qdrant_url, api_key=settings.qdrant_api_key)
+        self.items_collection = settings.qdrant.collection_items
+        self.rationales_collection = settings.qdrant.collection_rationales
+        self.local = not settings.qdrant.url
+        if settings.qdrant.url:
+            self.location = settings.qdrant.url
+            self.client = QdrantClient(url=settings.qdrant.url, api_key=settings.qdrant.api_key)
         else:
-            path = settings.resolved_qdrant_path
+            path = settings.qdrant_path
             path.mkdir(parents=True, exist_ok=True)
             self.location = str(path)
             try:

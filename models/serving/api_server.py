@@ -157,10 +157,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_serving(args: argparse.Namespace) -> OpenAIServingChat:
     """Load the model (blocking) and wrap it in the serving layer."""
     from models.serving.backend import ChatBackend, TransformersChatBackend
-    from streams.settings import get_settings
+    from streams.settings import Settings
 
-    settings = get_settings()
-    data_dir = args.data_dir or settings.data_dir
+    settings = Settings.from_env()  # an entry point (python -m models.serving.api_server)
+    data_dir = args.data_dir or settings.data.data_dir
     if args.gguf_file:
         gguf = (args.gguf_dir or Path(".")) / args.gguf_file
         if not gguf.is_file():
@@ -171,7 +171,7 @@ def build_serving(args: argparse.Namespace) -> OpenAIServingChat:
 
         gguf = assemble_teacher(args.teacher, data_dir)
         model_id = args.served_model_name or VARIANTS[args.teacher].model_id
-    threads = args.threads or settings.student_threads
+    threads = args.threads or settings.student.threads
     backend: ChatBackend
     if args.backend == "llamacpp":
         from models.llamacpp import LlamaCppChatBackend

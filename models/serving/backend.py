@@ -69,7 +69,7 @@ class TransformersChatBackend:
         self.tokenizer = student.tokenizer
         self.model_id = model_id
         self.max_model_len: int | None = getattr(self.model.config, "max_position_embeddings", None)
-        self.deadline_s = student.settings.student_deadline_s
+        self.deadline_s = student.settings.student.deadline_s
         vocab = self.tokenizer.get_vocab()
         stops = [vocab[t] for t in END_OF_TURN if t in vocab]
         if not stops and self.tokenizer.eos_token_id is not None:
@@ -96,14 +96,7 @@ class TransformersChatBackend:
         from streams.settings import Settings
 
         path = Path(gguf)
-        settings = Settings(
-            data_dir=Path(data_dir),
-            student_model_dir=str(path.parent),
-            student_gguf_file=path.name,
-            student_threads=threads,
-            student_deadline_s=deadline_s,
-            student_model_version=model_id or path.stem,
-        )
+        settings = Settings.from_env(data={"data_dir": Path(data_dir)}, student={"model_dir": str(path.parent), "gguf_file": path.name, "threads": threads, "deadline_s": deadline_s, "model_version": model_id or path.stem})
         return cls(TransformersStudent(settings), model_id or path.stem)
 
     def complete(
