@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import numpy as np
 
 from agents.backlog import RationaleBacklog
-from streams.drift import DriftMonitor, DriftReference, StaleShare, read_drift_reference
+from streams.drift import DriftMonitor, StaleShare
+from streams.drift_reference import DriftReference, read_drift_reference
 from streams.registry import ModelRegistry
 from streams.settings import Settings
 

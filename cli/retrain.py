@@ -34,12 +34,8 @@ def retrain(
     to the workers (model-updates topic); a rejected one stays in the registry, unpromoted.
     """
     from models.openai_client import ChatError
-    from retrain.cycle import (
-        default_publisher,
-        parse_duration,
-        retrain_every,
-        retrain_once,
-    )
+    from retrain.job import default_publisher, retrain_once
+    from retrain.triggers import parse_duration, retrain_every
 
     interval = None
     if every is not None:

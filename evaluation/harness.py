@@ -304,75 +304,28 @@ def run_evaluation(
     """
     t_start = time.monotonic()
     resolved = resolve_methods(methods)
-    total = 3 + 2 * len(resolved)
-    done = 0
-
-    def report(message: str, step_done: int | None = None) -> None:
-        if progress is not None:
-            progress(message, done if step_done is None or step_done < 0 else step_done, total)
-
-    report(f"loading {source}")
+    steps = _Steps(progress, total=3 + 2 * len(resolved))
+    steps.say(f"loading {source}")
     interactions = load_interactions(source)
     if limit_users is not None:
         interactions = restrict_users(interactions, limit_users, seed)
-    done += 1
-    report("splitting leave-one-out")
+    steps.advance("splitting leave-one-out")
     split = leave_one_out(interactions)
     del interactions
     if split.n_users == 0:
         raise ValueError(f"{source}: no user has at least {split.stats.min_interactions} interactions")
-    data = split.training_data()
-    counts = data.item_counts()
-    test = split.phase("test")
-    all_users = np.arange(split.n_users, dtype=np.int64)
     sample = sample_user_indices(split.n_users, sample_users, seed)
     negatives = M.sample_negatives([split.interacted(u) for u in range(split.n_users)], split.n_items,
                                    N_NEGATIVES, seed)
-    done += 1
-
-    ctx = EvalContext(source=source, data=data, settings=settings, seed=seed, sasrec_epochs=sasrec_epochs,
-                      sasrec_config=sasrec_config, progress=lambda m, d, t: report(m, d), encoder=encoder,
-                      sample=sample, adapter_dir=None if adapter_dir is None else Path(adapter_dir))
-    results: dict[str, dict[str, Any]] = {"all": {}, "sample": {}}
-    method_info: list[dict[str, Any]] = []
-    failed: dict[str, str] = {}
-    for method in resolved:
-        report(f"fitting {method.key}")
-        done_before = done
-        try:
-            t0 = time.monotonic()
-            ranker = method.build(ctx)
-            ranker.fit(data)
-            fit_s = time.monotonic() - t0
-            done += 1
-            users = sample if method.sample_only else all_users
-            report(f"scoring {ranker.name} on {len(users)} users")
-            t0 = time.monotonic()
-            per_user = _score(ranker, users, test, negatives, split.n_items, batch_size)
-            score_s = time.monotonic() - t0
-        except Exception as exc:
-            if not keep_going:
-                raise
-            # A long run (LLM methods take an hour on a CPU) keeps what the other methods measured.
-            failed[method.key] = f"{type(exc).__name__}: {exc}"
-            done = done_before + 2
-            report(f"{method.key} failed: {failed[method.key]}")
-            continue
-        done += 1
-        if not method.sample_only:
-            results["all"][method.key] = _metric_block(per_user, counts, split.n_items, split.n_users, ci, seed)
-        results["sample"][method.key] = _metric_block(per_user.subset(sample), counts, split.n_items,
-                                                      split.n_users, ci, seed)
-        info: dict[str, Any] = {"key": method.key, "name": ranker.name, "sample_only": method.sample_only,
-                                "fit_s": round(fit_s, 3), "score_s": round(score_s, 3)}
-        if hasattr(ranker, "summary"):
-            info["details"] = ranker.summary()
-        method_info.append(info)
-
-    report("writing reports")
+    steps.advance()
+    ctx = EvalContext(source=source, data=split.training_data(), settings=settings, seed=seed,
+                      sasrec_epochs=sasrec_epochs, sasrec_config=sasrec_config,
+                      progress=lambda m, d, t: steps.say(m, d), encoder=encoder, sample=sample,
+                      adapter_dir=None if adapter_dir is None else Path(adapter_dir))
+    results, method_info, failed = _evaluate_methods(resolved, ctx, split, negatives, ci, batch_size, keep_going,
+                                                     steps)
+    steps.say("writing reports")
     run = run_name or f"{_slug(source)}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
-    run_dir = Path(out_dir) / run
-    run_dir.mkdir(parents=True, exist_ok=True)
     out: dict[str, Any] = {
         "run": run,
         "source": source,
@@ -389,6 +342,76 @@ def run_evaluation(
         "failed": failed,
         "results": results,
     }
+    run_dir = _write_reports(out, Path(out_dir) / run, plots, t_start)
+    steps.advance(f"done: {run_dir}")
+    return out
+
+
+class _Steps:
+    """Progress of one run as (message, steps done, total steps)."""
+
+    def __init__(self, progress: ProgressFn | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def say(self, message: str, step_done: int | None = None) -> None:
+        if self.progress is not None:
+            self.progress(message, self.done if step_done is None or step_done < 0 else step_done, self.total)
+
+    def advance(self, message: str | None = None) -> None:
+        self.done += 1
+        if message is not None:
+            self.say(message)
+
+
+def _evaluate_methods(resolved: Sequence[Method], ctx: EvalContext, split: Any, negatives: np.ndarray, ci: str,
+                      batch_size: int, keep_going: bool,
+                      steps: _Steps) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], dict[str, str]]:
+    """Fit and score every method (a fit and a scoring step each): metric blocks for all users and the sample,
+    what each method was, and the methods that failed (``keep_going``) with why."""
+    data, sample = ctx.data, ctx.sample
+    counts = data.item_counts()
+    test = split.phase("test")
+    all_users = np.arange(split.n_users, dtype=np.int64)
+    results: dict[str, dict[str, Any]] = {"all": {}, "sample": {}}
+    method_info: list[dict[str, Any]] = []
+    failed: dict[str, str] = {}
+    for method in resolved:
+        steps.say(f"fitting {method.key}")
+        done_before = steps.done
+        try:
+            t0 = time.monotonic()
+            ranker = method.build(ctx)
+            ranker.fit(data)
+            fit_s = time.monotonic() - t0
+            users = sample if method.sample_only else all_users
+            steps.advance(f"scoring {ranker.name} on {len(users)} users")
+            t0 = time.monotonic()
+            per_user = _score(ranker, users, test, negatives, split.n_items, batch_size)
+            score_s = time.monotonic() - t0
+        except Exception as exc:
+            if not keep_going:
+                raise
+            # A long run (LLM methods take an hour on a CPU) keeps what the other methods measured.
+            failed[method.key] = f"{type(exc).__name__}: {exc}"
+            steps.done = done_before + 2
+            steps.say(f"{method.key} failed: {failed[method.key]}")
+            continue
+        steps.advance()
+        if not method.sample_only:
+            results["all"][method.key] = _metric_block(per_user, counts, split.n_items, split.n_users, ci, ctx.seed)
+        results["sample"][method.key] = _metric_block(per_user.subset(sample), counts, split.n_items,
+                                                      split.n_users, ci, ctx.seed)
+        info: dict[str, Any] = {"key": method.key, "name": ranker.name, "sample_only": method.sample_only,
+                                "fit_s": round(fit_s, 3), "score_s": round(score_s, 3)}
+        if hasattr(ranker, "summary"):
+            info["details"] = ranker.summary()
+        method_info.append(info)
+    return results, method_info, failed
+
+
+def _write_reports(out: dict[str, Any], run_dir: Path, plots: bool, t_start: float) -> Path:
+    """results.json, results.md and (``plots``) the figures into ``run_dir``; their names into ``out``."""
+    run_dir.mkdir(parents=True, exist_ok=True)
     files = ["results.json", "results.md"]
     if plots:
         files += _plots(out, run_dir)
@@ -397,9 +420,7 @@ def run_evaluation(
     (run_dir / "results.md").write_text(_markdown(out), encoding="utf-8")
     (run_dir / "results.json").write_text(json.dumps(_finite(out), indent=2), encoding="utf-8")
     out["run_dir"] = str(run_dir)
-    done += 1
-    report(f"done: {run_dir}")
-    return out
+    return run_dir
 
 
 def _protocol_text(ci: str) -> dict[str, str]:

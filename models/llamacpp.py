@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from models.serving.backend import END_OF_TURN, Generation
+from models.serving.backend import STOP_TOKENS, Generation
 from models.student_base import adapter_digest, adapter_name, postprocess_rationale, student_gguf_path
 from streams.settings import Settings
 
@@ -58,7 +58,7 @@ def _stop_strings(llm: Llama) -> list[str]:
     """End-of-turn markers the vocabulary has. SmolLM2's GGUF names the wrong EOS token, so generation must
     stop on ``<|im_end|>`` explicitly, not on the model's EOS alone."""
     out = []
-    for s in END_OF_TURN:
+    for s in STOP_TOKENS:
         toks = llm.tokenize(s.encode(), add_bos=False, special=True)
         if len(toks) == 1:
             out.append(s)

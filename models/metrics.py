@@ -41,7 +41,7 @@ from typing import Literal
 
 import numpy as np
 
-PAD_ITEM = 0
+from streams.splits import PAD_ITEM  # index 0 of every item table: the padding item, never ranked
 
 
 # --- ranks ------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.serving.backend import END_OF_TURN as STOP_TOKENS
+from models.serving.backend import STOP_TOKENS
 from retrain.dataset import RationaleRecord, read_records
 from streams.packaged import sha256_file
 from streams.registry import ADAPTER, MANIFEST, MANIFEST_FORMAT, ModelRegistry, utc_now, validate_version
@@ -322,9 +322,6 @@ def distill(
     Uses ``settings.student.threads`` torch threads and seeds torch's global RNG with ``config.seed``.
     """
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    from models.student import load_base_model
 
     started = time.perf_counter()
     config = config or DistillConfig()
@@ -337,45 +334,95 @@ def distill(
     if not records:
         raise ValueError(f"{records_path}: no rationale records")
     base_info = base_model_info(settings)
-
-    parent: str | None = None
-    resume_adapter: Path | None = None
-    if resume_from is not None:
-        resume_adapter, parent, parent_manifest = _resolve_resume(resume_from, registry)
-        parent_base = (parent_manifest or {}).get("base_model", {})
-        if parent_base.get("gguf_sha256") not in (None, base_info["gguf_sha256"]):
-            raise ValueError(f"resume_from {parent}: trained on another base model ({parent_base.get('gguf_file')})")
+    resume = _resolve_parent(resume_from, registry, base_info)
 
     torch.set_num_threads(settings.student.threads)
     torch.manual_seed(config.seed)
+    tokenizer, model, loaded_from, lora = _lora_model(settings, config, resume)
+    examples = _examples(tokenizer, records, config, records_path)
+    run = _train(model, examples, config, pad_id(tokenizer), on_step)
+    manifest = _manifest(settings, config, records, records_path, data_version, base_info, loaded_from, resume,
+                         lora, model, examples, run)
+    published = _save(registry, model, manifest, run.step_log, version, started)
+    if promote:
+        registry.promote(published, reason="distill --promote")
+    log.info("distilled %s: loss %.4f -> %.4f, val NLL %s -> %s, %d steps in %.1f s", published, run.losses[0],
+             run.losses[-1], run.val_before, run.val_after, run.steps, run.seconds)
+    return DistillResult(
+        version=published,
+        version_dir=registry.version_dir(published),
+        adapter_dir=registry.adapter_dir(published),
+        model_version=registry.model_version(published, settings),
+        parent_version=resume[1] if resume else None,
+        steps=run.steps,
+        train_examples=len(examples.train),
+        val_examples=len(examples.val),
+        train_losses=run.losses,
+        val_nll_before=run.val_before,
+        val_nll_after=run.val_after,
+        wall_s=manifest["metrics"]["wall_seconds"],
+        steps_per_s=manifest["metrics"]["steps_per_s"] or 0.0,
+        manifest=manifest,
+    )
+
+
+# -- the stages of a run ------------------------------------------------------------------------------------
+
+
+def _resolve_parent(resume_from: str | os.PathLike[str] | None, registry: ModelRegistry,
+                    base_info: dict[str, Any]) -> tuple[Path, str] | None:
+    """``(adapter dir, parent name)`` to continue from, checked to be trained on the same base model."""
+    if resume_from is None:
+        return None
+    adapter, parent, parent_manifest = _resolve_resume(resume_from, registry)
+    parent_base = (parent_manifest or {}).get("base_model", {})
+    if parent_base.get("gguf_sha256") not in (None, base_info["gguf_sha256"]):
+        raise ValueError(f"resume_from {parent}: trained on another base model ({parent_base.get('gguf_file')})")
+    return adapter, parent
+
+
+def _lora_model(settings: Settings, config: DistillConfig,
+                resume: tuple[Path, str] | None) -> tuple[Any, Any, str, dict[str, Any]]:
+    """The base student with a trainable LoRA adapter (the parent's, or a fresh one of ``config``'s shape)."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from models.student import load_base_model
+
     tokenizer, model, loaded_from = load_base_model(settings)
     # A GGUF-loaded model carries the quantizer and its config; peft cannot save an adapter over it.
     model.hf_quantizer = None
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config
     model.config.use_cache = False
-
-    if resume_adapter is not None:
-        model = PeftModel.from_pretrained(model, str(resume_adapter), is_trainable=True)
+    asked = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
+             "target_modules": sorted(config.target_modules)}
+    if resume is not None:
+        model = PeftModel.from_pretrained(model, str(resume[0]), is_trainable=True)
         loaded = model.peft_config["default"]
         lora = {"r": loaded.r, "lora_alpha": loaded.lora_alpha, "lora_dropout": loaded.lora_dropout,
                 "target_modules": sorted(loaded.target_modules)}
-        asked = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-                 "target_modules": sorted(config.target_modules)}
         if lora != asked:
-            log.warning("resume_from %s: keeping the adapter's LoRA shape %s (asked for %s)", parent, lora, asked)
+            log.warning("resume_from %s: keeping the adapter's LoRA shape %s (asked for %s)", resume[1], lora, asked)
     else:
         lora_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                                  target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, lora_config)
-        lora = {"r": config.lora_r, "lora_alpha": config.lora_alpha, "lora_dropout": config.lora_dropout,
-                "target_modules": sorted(config.target_modules)}
+        lora = asked
     model.peft_config["default"].base_model_name_or_path = settings.student.model_version
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return tokenizer, model, loaded_from, lora
 
-    # -- data -------------------------------------------------------------------------------------------
+
+@dataclass
+class _Examples:
+    train_records: list[RationaleRecord]
+    val_records: list[RationaleRecord]
+    train: list[EncodedExample]
+    val: list[EncodedExample]
+    skipped: int  # records whose prompt alone exceeds max_seq_len
+
+
+def _examples(tokenizer: Any, records: Sequence[RationaleRecord], config: DistillConfig, source: Path) -> _Examples:
     train_records, val_records = split_records(records, config.val_fraction, config.max_val_records, config.seed)
-    pad = pad_id(tokenizer)
     skipped = 0
 
     def encode(rs: Sequence[RationaleRecord]) -> list[EncodedExample]:
@@ -393,25 +440,42 @@ def distill(
     if skipped:
         log.warning("%d records skipped: the prompt alone is longer than max_seq_len=%d", skipped, config.max_seq_len)
     if not train:
-        raise ValueError(f"no trainable example in {records_path} (max_seq_len={config.max_seq_len})")
+        raise ValueError(f"no trainable example in {source} (max_seq_len={config.max_seq_len})")
+    return _Examples(train_records, val_records, train, val, skipped)
+
+
+@dataclass
+class _Run:
+    steps: int
+    losses: list[float]
+    step_log: list[dict[str, Any]]
+    tokens: int
+    seconds: float
+    val_before: float | None
+    val_after: float | None
+
+
+def _train(model: Any, examples: _Examples, config: DistillConfig, pad: int,
+           on_step: Callable[[int, int, float], None] | None) -> _Run:
+    """AdamW with warm-up and decay over ``config.max_steps`` (or ``epochs``) steps of rationale-token NLL."""
+    import torch
+
+    train = examples.train
     per_step = config.batch_size * config.grad_accum
     total_steps = config.max_steps or max(1, math.ceil(config.epochs * len(train) / per_step))
-
-    # -- train ------------------------------------------------------------------------------------------
-    val_before = mean_nll(model, val, config.batch_size, pad)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    val_before = mean_nll(model, examples.val, config.batch_size, pad)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, total_steps, config))
     batches = _batches(len(train), config.batch_size, config.seed)
     model.train()
     losses: list[float] = []
     step_log: list[dict[str, Any]] = []
-    train_tokens = 0
-    train_started = time.perf_counter()
+    tokens = 0
+    started = time.perf_counter()
     for step in range(total_steps):
         t0 = time.perf_counter()
-        micro = [[train[i] for i in next(batches)] for _ in range(config.grad_accum)]
-        collated = [collate(m, pad) for m in micro]
+        collated = [collate([train[i] for i in next(batches)], pad) for _ in range(config.grad_accum)]
         step_tokens = sum(int((c["labels"][:, 1:] != IGNORE_INDEX).sum()) for c in collated)
         step_nll = 0.0
         for c in collated:
@@ -420,15 +484,14 @@ def distill(
             step_nll += float(nll.detach())
         grad_norm = None
         if config.max_grad_norm:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], config.max_grad_norm))
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         loss = step_nll / step_tokens
         losses.append(loss)
-        train_tokens += step_tokens
+        tokens += step_tokens
         entry = {"step": step + 1, "loss": round(loss, 5), "lr": lr, "tokens": step_tokens,
                  "grad_norm": None if grad_norm is None else round(grad_norm, 4),
                  "seconds": round(time.perf_counter() - t0, 3)}
@@ -437,82 +500,73 @@ def distill(
                  step_tokens, entry["seconds"])
         if on_step is not None:
             on_step(step + 1, total_steps, loss)
-    train_s = time.perf_counter() - train_started
-    val_after = mean_nll(model, val, config.batch_size, pad)
+    seconds = time.perf_counter() - started
+    val_after = mean_nll(model, examples.val, config.batch_size, pad)
+    return _Run(total_steps, losses, step_log, tokens, seconds, val_before, val_after)
 
-    # -- save -------------------------------------------------------------------------------------------
-    base = model.get_base_model()
-    base.hf_quantizer = None  # again: nothing above may have put it back, but peft refuses to save with it
-    if getattr(base.config, "quantization_config", None) is not None:
-        del base.config.quantization_config
-    tail = losses[-min(3, len(losses)):]
-    data_hash = sha256_file(records_path)
-    manifest: dict[str, Any] = {
+
+def _manifest(settings: Settings, config: DistillConfig, records: Sequence[RationaleRecord], records_path: Path,
+              data_version: str | None, base_info: dict[str, Any], loaded_from: str,
+              resume: tuple[Path, str] | None, lora: dict[str, Any], model: Any, examples: _Examples,
+              run: _Run) -> dict[str, Any]:
+    tail = run.losses[-min(3, len(run.losses)):]
+    s = run.seconds
+    return {
         "format": MANIFEST_FORMAT,
         "version": None,  # set by the registry when published
         "created_at": utc_now(),
         "base_model": {**base_info, "loaded_from": loaded_from},
-        "parent_version": parent,
+        "parent_version": resume[1] if resume else None,
         "data": {
             "version": data_version or "+".join(sorted({r.dataset_version for r in records})),
             "path": str(records_path.resolve()),
-            "sha256": data_hash,
+            "sha256": sha256_file(records_path),
             "records": len(records),
-            "train_records": len(train_records),
-            "val_records": len(val_records),
-            "skipped_too_long": skipped,
-            "truncated_rationales": sum(e.truncated for e in train + val),
+            "train_records": len(examples.train_records),
+            "val_records": len(examples.val_records),
+            "skipped_too_long": examples.skipped,
+            "truncated_rationales": sum(e.truncated for e in examples.train + examples.val),
             "prompt_versions": sorted({r.prompt_version for r in records}),
             "teachers": sorted({r.teacher for r in records}),
         },
-        "hyperparameters": {**config.model_dump(mode="json"), "lora": lora, "trainable_params": trainable,
+        "hyperparameters": {**config.model_dump(mode="json"), "lora": lora,
+                            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                             "torch_threads": settings.student.threads},
         "metrics": {
-            "train_loss_first": losses[0],
-            "train_loss_last": losses[-1],
+            "train_loss_first": run.losses[0],
+            "train_loss_last": run.losses[-1],
             "train_loss_last_mean": sum(tail) / len(tail),
-            "val_nll_before": val_before,
-            "val_nll_after": val_after,
-            "steps": total_steps,
-            "examples": len(train),
-            "val_examples": len(val),
-            "train_tokens": train_tokens,
-            "train_seconds": round(train_s, 3),
-            "steps_per_s": total_steps / train_s if train_s > 0 else None,
-            "tokens_per_s": train_tokens / train_s if train_s > 0 else None,
-            "wall_seconds": None,  # filled below
+            "val_nll_before": run.val_before,
+            "val_nll_after": run.val_after,
+            "steps": run.steps,
+            "examples": len(examples.train),
+            "val_examples": len(examples.val),
+            "train_tokens": run.tokens,
+            "train_seconds": round(s, 3),
+            "steps_per_s": run.steps / s if s > 0 else None,
+            "tokens_per_s": run.tokens / s if s > 0 else None,
+            "wall_seconds": None,  # set by _save
         },
     }
+
+
+def _save(registry: ModelRegistry, model: Any, manifest: dict[str, Any], step_log: list[dict[str, Any]],
+          version: str | None, started: float) -> str:
+    """Write the adapter and the step log to a staging directory and publish it as a registry version."""
+    base = model.get_base_model()
+    base.hf_quantizer = None  # again: nothing above may have put it back, but peft refuses to save with it
+    if getattr(base.config, "quantization_config", None) is not None:
+        del base.config.quantization_config
     staging = registry.staging_dir()
     try:
         model.save_pretrained(str(staging / ADAPTER), save_embedding_layers=False)
         with (staging / "train_log.jsonl").open("w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(e) + "\n" for e in step_log)
         manifest["metrics"]["wall_seconds"] = round(time.perf_counter() - started, 3)
-        published = registry.publish(staging, version, manifest)
+        return registry.publish(staging, version, manifest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if promote:
-        registry.promote(published, reason="distill --promote")
-    log.info("distilled %s: loss %.4f -> %.4f, val NLL %s -> %s, %d steps in %.1f s", published, losses[0],
-             losses[-1], val_before, val_after, total_steps, train_s)
-    return DistillResult(
-        version=published,
-        version_dir=registry.version_dir(published),
-        adapter_dir=registry.adapter_dir(published),
-        model_version=registry.model_version(published, settings),
-        parent_version=parent,
-        steps=total_steps,
-        train_examples=len(train),
-        val_examples=len(val),
-        train_losses=losses,
-        val_nll_before=val_before,
-        val_nll_after=val_after,
-        wall_s=manifest["metrics"]["wall_seconds"],
-        steps_per_s=manifest["metrics"]["steps_per_s"] or 0.0,
-        manifest=manifest,
-    )
 
 
 __all__ = [

@@ -237,7 +237,7 @@ class DriftSettings(Section):
 
 
 class RetrainSettings(Section):
-    """The retrain loop (retrain/cycle.py, retrain/gate.py; ``slimstream retrain``)."""
+    """The retrain loop (retrain/cycle.py and its stages; ``slimstream retrain``)."""
 
     env_prefix: ClassVar[str] = "SLIMSTREAM_RETRAIN_"
 

@@ -21,7 +21,7 @@ import pytest
 import typer
 import yaml
 
-from retrain.cycle import parse_duration
+from retrain.triggers import parse_duration
 from cli.main import cli as typer_app
 from streams.settings import Settings
 from tests.conftest import ROOT, run, worker_env

@@ -12,9 +12,7 @@ import pytest
 from streams.drift import (
     DriftDecision,
     DriftMonitor,
-    DriftReference,
     GenreDistribution,
-    GenreSnapshot,
     OnlineHitRate,
     RationaleCentroid,
     StaleShare,
@@ -23,6 +21,7 @@ from streams.drift import (
 )
 from streams.datasets import Item, load_interactions, load_items, sample_users
 from streams.events import Recommendation, RecommendationPath, RecommendedItem
+from streams.drift_reference import DriftReference, GenreSnapshot
 from streams.settings import DriftSettings, Settings
 
 # Small windows for the synthetic tests, so they need few events.

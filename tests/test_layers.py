@@ -122,3 +122,29 @@ def test_the_checker_sees_imports_inside_functions_but_not_type_checking_ones(tm
     src.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from cli.base import cli\n"
                    "def f():\n    from retrain import cycle\n    import agents.web\n")
     assert _imports(src) == {"retrain", "retrain.cycle", "agents.web"}
+
+
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 120
+
+
+def _project_files() -> list[Path]:
+    """Every Python file of the project: the packages, the tests, the benchmarks and the scripts."""
+    skip = {".venv", ".venv-vllm", ".git", "build", "dist"}
+    return sorted(p for p in ROOT.rglob("*.py") if not skip & set(p.relative_to(ROOT).parts))
+
+
+def test_modules_and_functions_stay_short() -> None:
+    long_modules, long_functions = [], []
+    for path in _project_files():
+        text = path.read_text(encoding="utf-8")
+        name = str(path.relative_to(ROOT))
+        if text.count("\n") > MAX_MODULE_LINES:
+            long_modules.append((name, text.count("\n")))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if length > MAX_FUNCTION_LINES:
+                    long_functions.append((f"{name}:{node.name}", length))
+    assert not long_modules, f"modules over {MAX_MODULE_LINES} lines (split them by stage): {long_modules}"
+    assert not long_functions, f"functions over {MAX_FUNCTION_LINES} lines (stages as functions): {long_functions}"

@@ -21,21 +21,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retrain.cycle import (
-    RETRAIN_STATE,
-    CycleResult,
-    RecentEvent,
-    RetrainState,
-    heldout_metrics,
-    load_recent_from_dataset,
-    parse_drift_message,
-    parse_duration,
-    rank_drifted_users,
-    retrain_every,
-    retrain_once,
-    split_heldout,
-    user_sequences,
-)
+from retrain.context import CycleResult
+from retrain.heldout import heldout_metrics
+from retrain.job import retrain_once
+from retrain.recent import RETRAIN_STATE, RecentEvent, RetrainState, load_recent_from_dataset
+from retrain.selection import rank_drifted_users, split_heldout, user_sequences
+from retrain.triggers import parse_drift_message, parse_duration, retrain_every
 from streams.drift import DriftDecision, FiredSignal
 from retrain.gate import GateDecision, gate
 from streams.registry import ModelRegistry
@@ -104,7 +95,7 @@ def test_drifted_users_rank_by_divergence_from_the_reference() -> None:
 
 
 def test_the_latest_events_are_taken_in_arrival_order_per_partition() -> None:
-    from retrain.cycle import RecentEvent, latest_in_stream_order
+    from retrain.selection import latest_in_stream_order
 
     # Timestamps run backwards (a replay of old data): arrival order is the offsets'.
     p0 = [RecentEvent("u", f"a{k}", 1000 - k, partition=0, offset=k) for k in range(30)]
@@ -216,7 +207,7 @@ def test_cli_cycle_without_enough_users_is_skipped(tmp_path: Path) -> None:
 def test_a_second_retrain_process_on_the_same_registry_skips_instead_of_racing(tmp_path: Path) -> None:
     from filelock import FileLock
 
-    from retrain.cycle import RETRAIN_LOCK
+    from retrain.job import RETRAIN_LOCK
 
     _write_dataset(tmp_path / "d", [(f"u{n % 3}", f"c{n}", 1000 + n) for n in range(12)])
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSTREAM_")}
@@ -280,7 +271,7 @@ async def test_every_wakes_on_a_drift_decision_and_falls_back_to_the_timer(kafka
 
 async def test_the_default_publisher_announces_the_promotion_as_a_model_update(kafka: EmbeddedBroker,
                                                                               tmp_path: Path) -> None:
-    from retrain.cycle import default_publisher
+    from retrain.job import default_publisher
     from streams.events import ModelUpdate
     from tests.kafka_io import read_until
 

@@ -53,7 +53,7 @@ class ChatBackend(Protocol):
 
 
 # End-of-turn markers of the chat templates we serve; generation stops on whichever the vocabulary has.
-END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|eot_id|>", "<end_of_turn>")
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|eot_id|>", "<end_of_turn>")
 
 
 class TransformersChatBackend:
@@ -71,7 +71,7 @@ class TransformersChatBackend:
         self.max_model_len: int | None = getattr(self.model.config, "max_position_embeddings", None)
         self.deadline_s = student.settings.student.deadline_s
         vocab = self.tokenizer.get_vocab()
-        stops = [vocab[t] for t in END_OF_TURN if t in vocab]
+        stops = [vocab[t] for t in STOP_TOKENS if t in vocab]
         if not stops and self.tokenizer.eos_token_id is not None:
             stops = [self.tokenizer.eos_token_id]
         if not stops:
@@ -186,4 +186,4 @@ class TransformersChatBackend:
         return out
 
 
-__all__ = ["END_OF_TURN", "ChatBackend", "Generation", "TransformersChatBackend"]
+__all__ = ["STOP_TOKENS", "ChatBackend", "Generation", "TransformersChatBackend"]

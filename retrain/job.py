@@ -1,0 +1,95 @@
+"""The CLI's retrain cycle: load the events since the last cycle, run it, store the offsets. One cycle per
+registry at a time (a file lock)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from retrain.context import CycleResult, Progress, Publish, drift_reason_json
+from retrain.cycle import run_cycle
+from retrain.recent import RetrainState, load_recent_from_dataset, load_recent_from_kafka
+from streams.datasets import load_items
+from streams.registry import ModelRegistry
+from streams.settings import Settings
+
+if TYPE_CHECKING:
+    from retrain.distill import DistillConfig
+
+RETRAIN_LOCK = ".retrain.lock"
+
+
+def default_publisher(settings: Settings, registry: ModelRegistry) -> Publish:
+    """Announce a promotion on the model-updates topic (``streams.model_updates``), so workers hot-swap."""
+
+    def publish(*, action: str, version: str | None = None, reason: str = "") -> None:
+        from streams.model_updates import model_update_for, publish_model_update_sync
+
+        publish_model_update_sync(settings, model_update_for(registry, settings, action, reason))
+
+    return publish
+
+
+def retrain_once(
+    settings: Settings,
+    *,
+    data: str | None = None,
+    registry: ModelRegistry | None = None,
+    teacher: Any = None,
+    encoder: Any = None,
+    drift_reason: Any = None,
+    publish: Publish | None = None,
+    dry_run: bool = False,
+    max_users: int | None = None,
+    max_events: int | None = None,
+    distill_config: DistillConfig | None = None,
+    candidate_metrics: Mapping[str, float] | None = None,
+    progress: Progress | None = None,
+) -> CycleResult:
+    """Read the events since the last cycle (``data``: a dataset, else the interactions topic), run one cycle
+    on them, and store the new offsets once a candidate was built from them (not on a dry run, not when the
+    cycle was skipped: those events are read again, with the newer ones, next time). The catalogue is
+    ``data``'s, else ``settings.data.dataset``'s."""
+    from filelock import FileLock, Timeout
+
+    registry = registry or ModelRegistry.for_settings(settings)
+    # One cycle per registry at a time (two retrain processes, or a scaled-out compose service, would read the
+    # same offsets and race for the next version name); the loser skips this round instead of waiting.
+    registry.root.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(registry.root / RETRAIN_LOCK))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return CycleResult(status="skipped", reason=f"another retrain cycle holds {registry.root / RETRAIN_LOCK}",
+                           drift_reason=drift_reason_json(drift_reason), parent_version=registry.current())
+    try:
+        return _retrain_locked(settings, registry, data=data, teacher=teacher, encoder=encoder,
+                               drift_reason=drift_reason, publish=publish, dry_run=dry_run, max_users=max_users,
+                               max_events=max_events, distill_config=distill_config,
+                               candidate_metrics=candidate_metrics, progress=progress)
+    finally:
+        lock.release()
+
+
+def _retrain_locked(settings: Settings, registry: ModelRegistry, *, data: str | None, teacher: Any, encoder: Any,
+                    drift_reason: Any, publish: Publish | None, dry_run: bool, max_users: int | None,
+                    max_events: int | None, distill_config: DistillConfig | None,
+                    candidate_metrics: Mapping[str, float] | None, progress: Progress | None) -> CycleResult:
+    state = RetrainState.for_registry(registry)
+    cap = max_events or settings.retrain.max_events
+    if data is not None:
+        recent = load_recent_from_dataset(data, state, cap)
+    else:
+        recent = asyncio.run(load_recent_from_kafka(settings, state, cap))
+    catalogue = load_items(data if data is not None else settings.data.dataset)
+    result = run_cycle(settings, events=recent.events, catalogue=catalogue, teacher=teacher, encoder=encoder,
+                       registry=registry, drift_reason=drift_reason, publish=publish, data_window=recent.window,
+                       dry_run=dry_run, max_users=max_users, distill_config=distill_config,
+                       candidate_metrics=candidate_metrics, progress=progress)
+    if result.status in ("promoted", "rejected"):
+        state.commit(recent, version=result.version, status=result.status)
+    return result
+
+
+__all__ = ["RETRAIN_LOCK", "default_publisher", "retrain_once"]
