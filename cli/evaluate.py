@@ -27,6 +27,9 @@ def evaluate(
     sasrec_epochs: Annotated[int, typer.Option(min=1, help="SASRec epoch cap (early stopping on validation NDCG@10)")] = 30,
     sasrec_minutes: Annotated[float, typer.Option(min=0.05, help="SASRec training-time budget")] = 7.0,
     threads: Annotated[int, typer.Option(min=0, help="torch threads for SASRec (0: torch's default, all cores)")] = 1,
+    patience: Annotated[int, typer.Option(min=1, help="SASRec: validation checks without improvement before stopping")] = 5,
+    checkpoints: Annotated[Optional[Path], typer.Option(help="SASRec checkpoint directory, resumed after an interruption "
+                                                             "(default: <data_dir>/checkpoints)")] = None,
     bootstrap: Annotated[bool, typer.Option(help="bootstrap confidence intervals instead of the normal approximation")] = False,
     adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter of the distilled student (default: the registry's CURRENT)")] = None,
 ) -> None:
@@ -46,7 +49,8 @@ def evaluate(
         raise typer.BadParameter(f"not a LoRA adapter directory: {adapter}", param_hint="--adapter")
     settings = load_settings()
     source = data or settings.data.dataset
-    config = SASRecConfig(time_budget_s=sasrec_minutes * 60, threads=threads or None)
+    config = SASRecConfig(time_budget_s=sasrec_minutes * 60, threads=threads or None, patience=patience,
+                          checkpoint_dir=str(checkpoints or settings.data.data_dir / "checkpoints"))
     with progress_bar() as progress:
         task = progress.add_task("evaluating", total=None)
         try:

@@ -20,7 +20,6 @@ Methods are named built-ins (:data:`BUILTIN_METHODS`) or :class:`Method` objects
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -33,6 +32,8 @@ import numpy as np
 
 from models.rankers import HistoryMeanVectors, Ranker, TextRanker
 from models import metrics as M
+from evaluation.slices import cold_start_slices
+from evaluation.report import KS, MAX_CURVE_K, N_NEGATIVES, finite, markdown, plots as write_plots
 from streams.splits import EvalPhase, TrainingData, leave_one_out, restrict_users, sample_user_indices
 from streams.datasets import Item, item_text, load_interactions, load_items
 from streams.settings import Settings
@@ -45,9 +46,6 @@ ProgressFn = Callable[[str, int, int], None]
 """``progress(message, done, total)``: ``done`` of ``total`` harness steps are finished; the message says
 what is running now (SASRec also reports each epoch, with ``done`` unchanged)."""
 
-KS = (10, 20)  # cut-offs of the table; the HR curve goes to MAX_CURVE_K
-MAX_CURVE_K = 50
-N_NEGATIVES = 100  # SLIM's sampled protocol
 
 
 # --- methods ----------------------------------------------------------------------------------------------
@@ -168,7 +166,7 @@ def _text_mean(ctx: EvalContext) -> Ranker:
 
 def _builtin_methods() -> dict[str, Method]:
     from models.baselines import ItemKNNRanker, PopularityRanker, RandomRanker
-    from evaluation.slim_methods import SLIM_METHODS, build_slim_method
+    from evaluation.slim_methods import SLIM_METHODS, TRAINED_METHODS, build_slim_method, build_trained_method
 
     methods = {
         "random": Method("random", lambda ctx: RandomRanker(ctx.seed)),
@@ -179,12 +177,16 @@ def _builtin_methods() -> dict[str, Method]:
     }
     for key in SLIM_METHODS:
         methods[key] = Method(key, lambda ctx, k=key: build_slim_method(k, ctx), sample_only=True)
+    for key in TRAINED_METHODS:
+        methods[key] = Method(key, lambda ctx, k=key: build_trained_method(k, ctx))
     return methods
 
 
 BASELINE_METHODS = ("random", "popularity", "item-knn", "sasrec", "text-mean")
 BUILTIN_METHODS = (*BASELINE_METHODS, "slim-base", "slim-distilled", "slim-teacher", "sasrec+slim-base",
-                   "sasrec+slim-distilled", "sasrec+slim-teacher", "sasrec+text-mean")
+                   "sasrec+slim-distilled", "sasrec+slim-teacher", "sasrec+text-mean",
+                   "slim-id-base", "slim-id-distilled", "slim-id-teacher", "slim-text-base", "slim-text-distilled",
+                   "slim-text-teacher", "slim-text-none")
 DEFAULT_METHODS = BASELINE_METHODS
 
 
@@ -399,8 +401,10 @@ def _evaluate_methods(resolved: Sequence[Method], ctx: EvalContext, split: Any, 
         steps.advance()
         if not method.sample_only:
             results["all"][method.key] = _metric_block(per_user, counts, split.n_items, split.n_users, ci, ctx.seed)
-        results["sample"][method.key] = _metric_block(per_user.subset(sample), counts, split.n_items,
-                                                      split.n_users, ci, ctx.seed)
+            results["all"][method.key]["slices"] = _slices(per_user, test, counts, ci, ctx.seed)
+        in_sample = per_user.subset(sample)
+        results["sample"][method.key] = _metric_block(in_sample, counts, split.n_items, split.n_users, ci, ctx.seed)
+        results["sample"][method.key]["slices"] = _slices(in_sample, test, counts, ci, ctx.seed)
         info: dict[str, Any] = {"key": method.key, "name": ranker.name, "sample_only": method.sample_only,
                                 "fit_s": round(fit_s, 3), "score_s": round(score_s, 3)}
         if hasattr(ranker, "summary"):
@@ -409,16 +413,22 @@ def _evaluate_methods(resolved: Sequence[Method], ctx: EvalContext, split: Any, 
     return results, method_info, failed
 
 
+def _slices(r: _PerUser, test: EvalPhase, counts: np.ndarray, ci: str, seed: int) -> dict[str, Any]:
+    lengths = np.asarray([len(test.histories[u]) for u in r.users])
+    return cold_start_slices(r.full_greater, r.full_ties, lengths, np.asarray(counts)[test.targets[r.users]],
+                             ci=ci, seed=seed)
+
+
 def _write_reports(out: dict[str, Any], run_dir: Path, plots: bool, t_start: float) -> Path:
     """results.json, results.md and (``plots``) the figures into ``run_dir``; their names into ``out``."""
     run_dir.mkdir(parents=True, exist_ok=True)
     files = ["results.json", "results.md"]
     if plots:
-        files += _plots(out, run_dir)
+        files += write_plots(out, run_dir)
     out["files"] = files
     out["elapsed_s"] = round(time.monotonic() - t_start, 3)
-    (run_dir / "results.md").write_text(_markdown(out), encoding="utf-8")
-    (run_dir / "results.json").write_text(json.dumps(_finite(out), indent=2), encoding="utf-8")
+    (run_dir / "results.md").write_text(markdown(out), encoding="utf-8")
+    (run_dir / "results.json").write_text(json.dumps(finite(out), indent=2), encoding="utf-8")
     out["run_dir"] = str(run_dir)
     return run_dir
 
@@ -444,142 +454,3 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.").lower() or "run"
 
 
-def _finite(obj: Any) -> Any:
-    """NaN/inf -> None, so results.json is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, dict):  # an estimate
-        if v["n"] == 0 or not math.isfinite(v["mean"]):
-            return "–"
-        if v["mean"] >= 10:
-            return f"{v['mean']:.1f} ± {(v['ci_high'] - v['ci_low']) / 2:.1f}"
-        return f"{v['mean']:.4f} ± {(v['ci_high'] - v['ci_low']) / 2:.4f}"
-    return "–" if v is None or not math.isfinite(v) else f"{v:.4f}"
-
-
-def _markdown(out: dict[str, Any]) -> str:
-    names = {m["key"]: m["name"] for m in out["methods"]}
-    s = out["split"]
-    lines = [
-        f"# Offline evaluation: {out['source']} ({out['run']})",
-        "",
-        f"Split: {s['users']} users, {s['items']} items, {s['train_interactions']} training interactions; "
-        f"{s['users_dropped']} users with < {s['min_interactions']} items dropped, {s['repeats_dropped']} repeated "
-        f"(user, item) pairs dropped. Seed {out['seed']}. Test phase; 95% CIs (± half-width) over users.",
-        "",
-        "Full = ranked against the whole catalogue minus the user's history; sampled-100 = against 100 "
-        "seeded negatives the user never interacted with (SLIM's protocol). Pop@10 = mean training "
-        "interactions of the recommended items; Cov@10 = share of the catalogue recommended to anyone.",
-    ]
-    if out["negatives"]["users_with_fewer"]:
-        lines += ["", f"Note: {out['negatives']['users_with_fewer']} users have fewer than {N_NEGATIVES} items they "
-                  "never interacted with; they are ranked against all of those."]
-    header = ("| method | HR@10 | HR@20 | NDCG@10 | NDCG@20 | Cov@10 | Pop@10 | "
-              "HR@10 (s100) | HR@20 (s100) | NDCG@10 (s100) | NDCG@20 (s100) |")
-    for pop, title in (("all", "All users"), ("sample", "Seeded user sample")):
-        block = out["results"][pop]
-        if not block:
-            continue
-        n = out["populations"][pop]
-        lines += ["", f"## {title} ({n} users)", "", header, "|" + "---|" * 11]
-        for key, r in block.items():
-            f, sm = r["full"], r["sampled"]
-            cells = [names[key], _fmt(f["HR@10"]), _fmt(f["HR@20"]), _fmt(f["NDCG@10"]), _fmt(f["NDCG@20"]),
-                     _fmt(f["coverage@10"]), _fmt(f["avg_pop@10"]), _fmt(sm["HR@10"]), _fmt(sm["HR@20"]),
-                     _fmt(sm["NDCG@10"]), _fmt(sm["NDCG@20"])]
-            lines.append("| " + " | ".join(cells) + " |")
-    if out.get("failed"):
-        lines += ["", "## Failed methods", ""] + [f"- `{k}`: {v}" for k, v in out["failed"].items()]
-    lines += ["", "## Methods", "", "| method | users | fit (s) | score (s) | notes |", "|---|---|---|---|---|"]
-    for m in out["methods"]:
-        note = ""
-        d = m.get("details")
-        if d and "best_epoch" in d:
-            ep = d["epochs"]
-            note = (f"best epoch {d['best_epoch']} of {len(ep)} run (max {d['config']['epochs']}, stopped by "
-                    f"{d['stopped_by']}), max_len {d['config']['max_len']}, dim {d['config']['dim']}")
-        elif d and "alpha" in d:
-            note = f"alpha {d['alpha']:g} learned on the validation phase of {d['fit_users']} users"
-            if "rationales" in d:
-                note += f"; rationales by {d['rationales']['generator']}"
-        elif d and "generator" in d:
-            note = f"rationales by {d['generator']} ({d['generated']} generated, {d['cached']} cached)"
-        lines.append(f"| {m['name']} | {'sample' if m['sample_only'] else 'all'} | {m['fit_s']:.1f} | "
-                     f"{m['score_s']:.1f} | {note} |")
-    if out.get("files"):
-        pngs = [f for f in out["files"] if f.endswith(".png")]
-        if pngs:
-            lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in pngs]
-    lines += ["", "## Protocol", ""] + [f"- **{k}**: {v}" for k, v in out["protocol"].items()]
-    return "\n".join(lines) + "\n"
-
-
-def _plots(out: dict[str, Any], run_dir: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never a display
-    import matplotlib.pyplot as plt
-
-    names = {m["key"]: m["name"] for m in out["methods"]}
-    written: list[str] = []
-    for pop, block in out["results"].items():
-        if not block:
-            continue
-        keys = list(block)
-        width = 0.8 / len(keys)
-        # Bar chart: accuracy under both protocols, and the two beyond-accuracy measures.
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), gridspec_kw={"width_ratios": [4, 4, 2]})
-        panels = [("full", ["HR@10", "HR@20", "NDCG@10", "NDCG@20"], "full ranking"),
-                  ("sampled", ["HR@10", "HR@20", "NDCG@10", "NDCG@20"], f"sampled ({N_NEGATIVES} negatives)"),
-                  ("full", ["coverage@10", "avg_pop_share@10"], "coverage / popularity share")]
-        for ax, (proto, metric_names, title) in zip(axes, panels):
-            x = np.arange(len(metric_names))
-            for i, key in enumerate(keys):
-                vals, errs = [], [[], []]
-                for mn in metric_names:
-                    v = block[key][proto][mn]
-                    if isinstance(v, dict):
-                        vals.append(v["mean"])
-                        errs[0].append(v["mean"] - v["ci_low"])
-                        errs[1].append(v["ci_high"] - v["mean"])
-                    else:
-                        vals.append(v)
-                        errs[0].append(0.0)
-                        errs[1].append(0.0)
-                ax.bar(x + (i - (len(keys) - 1) / 2) * width, vals, width, yerr=errs, capsize=2, label=names[key])
-            ax.set_xticks(x, metric_names)
-            ax.set_title(title)
-            ax.grid(axis="y", alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{out['source']} — {pop} ({out['populations'][pop]} users), 95% CI")
-        fig.tight_layout()
-        name = f"metrics_{pop}.png"
-        fig.savefig(run_dir / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
-
-        fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-        ks = np.arange(1, MAX_CURVE_K + 1)
-        for ax, proto, title in ((axes[0], "full", "full ranking"), (axes[1], "sampled", f"sampled ({N_NEGATIVES})")):
-            for key in keys:
-                ax.plot(ks, block[key][proto]["HR_curve"], label=names[key])
-            ax.set_xlabel("K")
-            ax.set_ylabel("HR@K")
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-        fig.suptitle(f"{out['source']} — HR@K, {pop} ({out['populations'][pop]} users)")
-        fig.tight_layout()
-        name = f"hr_curve_{pop}.png"
-        fig.savefig(run_dir / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
-    return written

@@ -6,7 +6,14 @@
 ``slim-teacher``           ID-agnostic: the teacher's own rationales (greedy), from ``teacher.url``
 ``sasrec+slim-<g>``        ID-based: SASRec fused with generator ``<g>``'s rationale vector (learned alpha)
 ``sasrec+text-mean``       control: SASRec fused with the mean item-text vector of the same window (no LLM)
+``slim-id-<g>``            ID-based, trained (models/slim_rec.py): SASRec + generator ``<g>``'s rationale,
+                           fused and trained end to end; ``sasrec`` is the same model without rationales
+``slim-text-<g>``          ID-agnostic, trained: items as projected text vectors + the rationale
+``slim-text-none``         ID-agnostic, trained, no rationale (the ablation)
 =========================  ==========================================================================
+
+The trained ones are scored on every user; the sample's users have a rationale (one generation each, from a
+prefix of their training sequence), everyone else is served through the learned no-rationale vector.
 
 The LLM ones run on the evaluation's user sample (one generation per user and phase). The student runs on
 ``student.backend`` (llamacpp is ~6x faster on CPU; both decode greedily), so the base and the distilled
@@ -18,6 +25,8 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from models.prompts import PromptItem
 from models.rankers import HistoryMeanVectors, Ranker, TextRanker
 
@@ -27,6 +36,9 @@ if TYPE_CHECKING:
 
 GENERATORS = ("base", "distilled", "teacher")
 SLIM_METHODS = (*(f"slim-{g}" for g in GENERATORS), *(f"sasrec+slim-{g}" for g in GENERATORS), "sasrec+text-mean")
+# Trained SLIM recommenders (models/slim_rec.py), scored on every user: the users of the run's sample have a
+# rationale (one generation each), the others are served through the learned no-rationale vector.
+TRAINED_METHODS = (*(f"slim-id-{g}" for g in GENERATORS), *(f"slim-text-{g}" for g in GENERATORS), "slim-text-none")
 
 
 def _item_prompts(ctx: EvalContext) -> list[PromptItem]:
@@ -102,6 +114,29 @@ def rationale_vectors(ctx: EvalContext, generator: str) -> RationaleVectors:
     return ctx.shared(f"rationales:{generator}", build)
 
 
+def build_trained_method(key: str, ctx: EvalContext) -> Ranker:
+    """``slim-id-<g>`` / ``slim-text-<g>``: the ID-based / ID-agnostic SLIM model trained with generator g's
+    rationales for the sample users; ``slim-text-none``: the ID-agnostic model without rationales."""
+    from dataclasses import asdict
+
+    from models.sasrec import SASRecConfig
+    from models.slim_rec import SLIMRecConfig, SLIMRecRanker, rationale_inputs
+
+    kind, generator = key.removeprefix("slim-").split("-", 1)
+    base = ctx.sasrec_config or SASRecConfig()
+    cfg = SLIMRecConfig(**{**asdict(base), "epochs": ctx.sasrec_epochs, "seed": ctx.seed,
+                           "items": "id" if kind == "id" else "text"})
+    rationales = None
+    if generator != "none":
+        users = ctx.sample if ctx.sample is not None else np.arange(ctx.data.n_users)
+        vecs = rationale_vectors(ctx, generator)
+        rationales = rationale_inputs(ctx.data, vecs, users, cfg.rationale_tail, source=vecs.generator_id)
+    label = "ID-based" if kind == "id" else "ID-agnostic"
+    name = f"SLIM {label}, trained, {generator} rationale" if rationales else f"SLIM {label}, trained, no rationale"
+    return SLIMRecRanker(cfg, item_text=ctx.item_vectors(), rationales=rationales, name=name,
+                         progress=lambda msg, done, total: ctx.progress(f"{name}: {msg}", -1, -1))
+
+
 def build_slim_method(key: str, ctx: EvalContext) -> Ranker:
     from models.fusion import FusionRanker
 
@@ -122,4 +157,5 @@ def build_slim_method(key: str, ctx: EvalContext) -> Ranker:
     raise ValueError(f"unknown SLIM method {key!r}")
 
 
-__all__ = ["GENERATORS", "SLIM_METHODS", "build_slim_method", "rationale_vectors"]
+__all__ = ["GENERATORS", "SLIM_METHODS", "TRAINED_METHODS", "build_slim_method", "build_trained_method",
+           "rationale_vectors"]

@@ -9,6 +9,13 @@ catalogue** at every position (as in Klenitskiy & Vasilev, RecSys 2023, "Turning
 really better than SASRec?"), not binary cross-entropy with one sampled negative; it is markedly stronger
 and converges in far fewer epochs, which is what makes a CPU budget workable.
 
+Speed on a CPU (``benchmarks/sasrec_convergence.py`` measures it): the forward pass and the loss run under
+bf16 autocast where the CPU supports it (``bf16``; scores for ranking are computed in fp32 so ranks do not tie
+on rounding), optionally against ``negatives`` uniformly sampled items shared by the batch instead of the full
+catalogue (sampled softmax, as in gSASRec / SASRec+3000: a large catalogue costs what ``negatives`` items do),
+and ``checkpoint_dir`` keeps one checkpoint per training run (weights, optimiser, RNG states, curve, best
+weights) written after every epoch, so an interrupted run resumes exactly where it stopped.
+
 Sequences are left-padded so the newest item is always at the last position: position embeddings then mean
 "k steps before now", which is what matters for next-item prediction. Each user's training sequence is cut
 into consecutive windows of ``max_len + 1`` items from the newest backwards, so every training transition is
@@ -20,10 +27,17 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import hashlib
+import json
+import logging
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +45,8 @@ from torch import nn
 
 from models.metrics import full_rank_counts, history_mask, ndcg_at_k
 from streams.splits import TrainingData
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,7 +63,7 @@ class SASRecConfig:
     weight_decay: float = 0.0
     batch_size: int = 64  # windows (of up to max_len + 1 items) per step
     epochs: int = 20  # upper bound; early stopping usually ends sooner
-    patience: int = 3  # validation checks without improvement before stopping
+    patience: int = 5  # validation checks without improvement before stopping (validation NDCG is noisy)
     eval_every: int = 1  # epochs between validation checks
     eval_batch_size: int = 512
     seed: int = 0
@@ -61,6 +77,23 @@ class SASRecConfig:
     # the page faults measured 35% of the step time.
     reuse_memory: bool = True
     device: str = "cpu"
+    bf16: bool = True  # autocast the training forward pass to bfloat16 where the CPU has native support
+    negatives: int | None = None  # None: full cross-entropy; n: sampled softmax over n shared uniform negatives
+    checkpoint_dir: str | None = None  # where a run's checkpoint lives (None: no checkpoints)
+
+
+# Fields that do not change what a run computes: a checkpoint written under other values still resumes.
+_RUN_NEUTRAL = frozenset({"epochs", "eval_batch_size", "time_budget_s", "reuse_memory", "checkpoint_dir", "patience",
+                          "threads"})  # threads: the same computation up to float summation order
+
+
+def bf16_supported() -> bool:
+    """Native bfloat16 matmuls on this CPU (AVX512-BF16 / AMX); elsewhere autocast would emulate and be slower."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 @dataclass
@@ -90,7 +123,7 @@ class _SASRecNet(nn.Module):
         """[B, L] left-padded item indices -> [B, L, d] hidden states (row t sees items 0..t)."""
         b, length = seq.shape
         pos = torch.arange(length, device=seq.device)
-        x = self.item_emb(seq) * math.sqrt(self.cfg.dim) + self.pos_emb(pos)[None]
+        x = self.embed(seq) * math.sqrt(self.cfg.dim) + self.pos_emb(pos)[None]
         pad = seq == 0
         x = self.drop(x) * (~pad)[..., None]
         # Causal mask plus "never attend to padding" - except a position always sees itself, so the all-padding
@@ -101,10 +134,26 @@ class _SASRecNet(nn.Module):
         mask = blocked.repeat_interleave(self.cfg.heads, dim=0)
         return self.norm(self.blocks(x, mask=mask))
 
+    def item_table(self) -> torch.Tensor:
+        """[n_items + 1, d] output item vectors (tied with the input embedding)."""
+        return self.item_emb.weight
+
+    def embed(self, seq: torch.Tensor) -> torch.Tensor:
+        return self.item_emb(seq)
+
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        out = h @ self.item_emb.weight.T
+        out = h @ self.item_table().T
         out[..., 0] = float("-inf")  # padding is never a prediction
         return out
+
+    def sampled_logits(self, h: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+        """[N, 1 + n] logits of each row's target (column 0) and the batch's shared negatives; a negative that
+        is the row's own target is masked out (it would be scored as a wrong answer)."""
+        table = self.item_table()
+        pos = (h * table[targets]).sum(-1, keepdim=True)
+        neg = h @ table[negatives].T
+        neg = neg.masked_fill(negatives[None, :] == targets[:, None], float("-inf"))
+        return torch.cat([pos, neg], dim=1)
 
 
 def _keep_freed_memory(limit: int = 1 << 30) -> bool:
@@ -138,6 +187,45 @@ def _training_windows(train: Sequence[np.ndarray], max_len: int) -> np.ndarray:
     return _left_pad(windows, max_len + 1) if windows else np.zeros((0, max_len + 1), dtype=np.int64)
 
 
+@dataclass
+class _RunState:
+    """Where a training run is: written after every epoch so that a resumed run continues exactly."""
+
+    epoch: int = 0
+    history: list[EpochLog] | None = None
+    best: float = -1.0
+    best_epoch: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    stale: int = 0
+    stopped_by: str | None = None
+    finished: bool = False
+
+    def __post_init__(self) -> None:
+        if self.history is None:
+            self.history = []
+
+    def save(self, path: Path, net: nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save({"format": 1, "epoch": self.epoch, "history": [asdict(e) for e in self.history or []],
+                    "best": self.best, "best_epoch": self.best_epoch, "best_state": self.best_state,
+                    "stale": self.stale, "stopped_by": self.stopped_by, "finished": self.finished,
+                    "net": net.state_dict(), "opt": opt.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "numpy_rng": rng.bit_generator.state}, tmp)
+        os.replace(tmp, path)  # a crash mid-write leaves the previous epoch's checkpoint
+
+    @classmethod
+    def load(cls, path: Path, net: nn.Module, opt: torch.optim.Optimizer, rng: np.random.Generator) -> _RunState:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        net.load_state_dict(ck["net"])
+        opt.load_state_dict(ck["opt"])
+        torch.set_rng_state(ck["torch_rng"])
+        rng.bit_generator.state = ck["numpy_rng"]
+        return cls(epoch=ck["epoch"], history=[EpochLog(**e) for e in ck["history"]], best=ck["best"],
+                   best_epoch=ck["best_epoch"], best_state=ck["best_state"], stale=ck["stale"],
+                   stopped_by=ck["stopped_by"], finished=ck["finished"])
+
+
 class SASRecRanker:
     """SASRec as a :class:`~models.rankers.Ranker`. ``history`` holds one :class:`EpochLog` per epoch."""
 
@@ -164,57 +252,114 @@ class SASRecRanker:
         rng = np.random.default_rng([cfg.seed, 0x5A5])
         device = torch.device(cfg.device)
         self.n_items = data.n_items
-        net = _SASRecNet(data.n_items, cfg).to(device)
+        net = self._make_net(data).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        windows = torch.from_numpy(_training_windows(data.train, cfg.max_len))
-        if len(windows) == 0:
+        windows = self._windows(data)
+        if len(windows["seq"]) == 0:
             raise ValueError("no training transitions: every training sequence is shorter than 2 items")
-        valid_users = np.arange(data.n_users)
-        valid_mask = history_mask(data.train, data.n_items + 1)
-        self.history, best, best_state, stale = [], -1.0, None, 0
-        self.stopped_by = "max epochs"
         self.net = net
-        started = time.monotonic()
-        for epoch in range(1, cfg.epochs + 1):
+        state = _RunState()
+        checkpoint = self._checkpoint_path(data)
+        if checkpoint is not None and checkpoint.is_file():
+            state = _RunState.load(checkpoint, net, opt, rng)
+            log.info("SASRec: resumed %s after epoch %d", checkpoint, state.epoch)
+        self.history = state.history
+        autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if cfg.bf16 and cfg.device == "cpu" and bf16_supported()
+                    else nullcontext())
+        started = time.monotonic() - sum(e.seconds for e in state.history)
+        while not state.finished and state.epoch < cfg.epochs:
             t0 = time.monotonic()
             if cfg.time_budget_s is not None and self.history and \
                     t0 - started + self.history[-1].seconds > cfg.time_budget_s:
-                self.stopped_by = "time budget"
+                state.stopped_by = "time budget"
                 break
-            net.train()
-            total, count = 0.0, 0
-            order = torch.from_numpy(rng.permutation(len(windows)))
-            for start in range(0, len(order), cfg.batch_size):
-                batch = windows[order[start:start + cfg.batch_size]].to(device)
-                inputs, targets = batch[:, :-1], batch[:, 1:]
-                keep = targets != 0
-                h = net.hidden(inputs)[keep]  # only positions with a real next item cost logits
-                loss = nn.functional.cross_entropy(net.logits(h), targets[keep])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * int(keep.sum())
-                count += int(keep.sum())
-            ndcg = None
-            if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                scores = self.score(valid_users, data.train)
-                g, t = full_rank_counts(scores, data.valid_targets, valid_mask)
-                ndcg = float(ndcg_at_k(g, 10, t).mean())
-            self.history.append(EpochLog(epoch, total / max(count, 1), ndcg, time.monotonic() - t0))
+            epoch = state.epoch + 1
+            loss = self._train_epoch(net, opt, windows, rng, autocast, device)
+            ndcg = self._validate(data) if epoch % cfg.eval_every == 0 or epoch == cfg.epochs else None
+            self.history.append(EpochLog(epoch, loss, ndcg, time.monotonic() - t0))
             if self.progress:
                 shown = "-" if ndcg is None else f"{ndcg:.4f}"
-                self.progress(f"SASRec epoch {epoch}: loss {total / max(count, 1):.3f}, valid NDCG@10 {shown}",
-                              epoch, cfg.epochs)
+                self.progress(f"SASRec epoch {epoch}: loss {loss:.3f}, valid NDCG@10 {shown}", epoch, cfg.epochs)
+            state.epoch = epoch
             if ndcg is not None:
-                if ndcg > best:
-                    best, best_state, stale, self.best_epoch = ndcg, copy.deepcopy(net.state_dict()), 0, epoch
+                if ndcg > state.best:
+                    state.best, state.best_epoch, state.stale = ndcg, epoch, 0
+                    state.best_state = copy.deepcopy(net.state_dict())
                 else:
-                    stale += 1
-                    if stale >= cfg.patience:
-                        self.stopped_by = "early stopping"
-                        break
-        if best_state is not None:
-            net.load_state_dict(best_state)
+                    state.stale += 1
+                    if state.stale >= cfg.patience:
+                        state.stopped_by, state.finished = "early stopping", True
+            if checkpoint is not None:
+                state.save(checkpoint, net, opt, rng)
+        if not state.finished and state.stopped_by is None:
+            state.stopped_by = "max epochs"
+        self.best_epoch, self.stopped_by = state.best_epoch, state.stopped_by
+        if state.best_state is not None:
+            net.load_state_dict(state.best_state)
+
+    # -- what a subclass changes (models/slim_rec.py): the network, the training windows, the user states ------
+    def _make_net(self, data: TrainingData) -> nn.Module:
+        return _SASRecNet(data.n_items, self.cfg)
+
+    def _windows(self, data: TrainingData) -> dict[str, torch.Tensor]:
+        """Training tensors aligned by window; ``seq``: [n_windows, max_len + 1] left-padded item indices."""
+        return {"seq": torch.from_numpy(_training_windows(data.train, self.cfg.max_len))}
+
+    def _hidden(self, net: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[B, L, d] states of a training batch (inputs = ``seq[:, :-1]``)."""
+        return net.hidden(batch["seq"][:, :-1])
+
+    def _fingerprint(self, h: Any) -> None:
+        """Add what else makes a run (beyond config and data) to the checkpoint hash ``h``."""
+
+    def _train_epoch(self, net: Any, opt: torch.optim.Optimizer, windows: dict[str, torch.Tensor],
+                     rng: np.random.Generator, autocast: Any, device: torch.device) -> float:
+        cfg = self.cfg
+        net.train()
+        total, count = 0.0, 0
+        order = torch.from_numpy(rng.permutation(len(windows["seq"])))
+        for start in range(0, len(order), cfg.batch_size):
+            idx = order[start:start + cfg.batch_size]
+            batch = {k: v[idx].to(device) for k, v in windows.items()}
+            targets = batch["seq"][:, 1:]
+            keep = targets != 0
+            with autocast:
+                h = self._hidden(net, batch)[keep]  # only positions with a real next item cost logits
+                if cfg.negatives is not None and cfg.negatives < self.n_items:
+                    negs = torch.from_numpy(rng.integers(1, self.n_items + 1, cfg.negatives)).to(device)
+                    logits = net.sampled_logits(h, targets[keep], negs)
+                    loss = nn.functional.cross_entropy(logits.float(), torch.zeros(len(h), dtype=torch.long,
+                                                                                   device=device))
+                else:
+                    loss = nn.functional.cross_entropy(net.logits(h).float(), targets[keep])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            n = int(keep.sum())
+            total += float(loss.detach()) * n
+            count += n
+        return total / max(count, 1)
+
+    def _validate(self, data: TrainingData) -> float:
+        """Validation NDCG@10: full ranking, history excluded, history = the training sequence."""
+        scores = self.score(np.arange(data.n_users), data.train)
+        g, t = full_rank_counts(scores, data.valid_targets, history_mask(data.train, data.n_items + 1))
+        return float(ndcg_at_k(g, 10, t).mean())
+
+    def _checkpoint_path(self, data: TrainingData) -> Path | None:
+        """One file per (config that matters, training data): a changed setting or dataset starts afresh."""
+        if self.cfg.checkpoint_dir is None:
+            return None
+        h = hashlib.sha256()
+        h.update(json.dumps({f.name: getattr(self.cfg, f.name) for f in fields(self.cfg)
+                             if f.name not in _RUN_NEUTRAL}, sort_keys=True, default=str).encode())
+        h.update(f"{data.n_users}:{data.n_items}".encode())
+        for seq in data.train:
+            h.update(np.asarray(seq, dtype=np.int64).tobytes())
+            h.update(b"|")
+        h.update(np.asarray(data.valid_targets, dtype=np.int64).tobytes())
+        self._fingerprint(h)
+        return Path(self.cfg.checkpoint_dir) / f"sasrec-{h.hexdigest()[:16]}.pt"
 
     # -- scoring -----------------------------------------------------------------------------------------------
     def score(self, users: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
@@ -228,10 +373,14 @@ class SASRecRanker:
         with torch.no_grad():
             for start in range(0, len(histories), cfg.eval_batch_size):
                 seq = torch.from_numpy(_left_pad(histories[start:start + cfg.eval_batch_size], cfg.max_len))
-                h = net.hidden(seq.to(device))[:, -1]  # the newest position summarises the whole history
+                h = self._user_state(net, users[start:start + len(seq)], seq.to(device))
                 out[start:start + len(seq)] = net.logits(h).float().cpu().numpy()
         net.train(was_training)
         return out
+
+    def _user_state(self, net: Any, users: np.ndarray, seq: torch.Tensor) -> torch.Tensor:
+        """[B, d]: the newest position summarises the whole history."""
+        return net.hidden(seq)[:, -1]
 
     def summary(self) -> dict:
         """Config and training curve, for the results file."""

@@ -30,7 +30,8 @@ TINY_SASREC = SASRecConfig(batch_size=32, lr=3e-3, dim=48)
 def full_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     calls: list[tuple[str, int, int]] = []
     out = run_evaluation(
-        methods=["random", "popularity", "item-knn", "sasrec", "text-mean"], out_dir=tmp_path_factory.mktemp("reports"),
+        methods=["random", "popularity", "item-knn", "sasrec", "text-mean", "slim-text-none"],
+        out_dir=tmp_path_factory.mktemp("reports"),
         sasrec_epochs=2, sasrec_config=TINY_SASREC, run_name="tiny",
         # the session's shared ONNX export; batches of 64 texts rather than its 4 (1.3k titles to embed)
         settings=shared_settings(tmp_path_factory).updated(encoder={"batch_size": 64}),
@@ -43,7 +44,7 @@ def test_reports_are_written(full_run: dict) -> None:
     run_dir = Path(full_run["run_dir"])
     assert run_dir.name == "tiny"
     saved = json.loads((run_dir / "results.json").read_text())
-    assert saved["results"]["all"].keys() == {"random", "popularity", "item-knn", "sasrec", "text-mean"}
+    assert saved["results"]["all"].keys() == {"random", "popularity", "item-knn", "sasrec", "text-mean", "slim-text-none"}
     assert saved["populations"] == {"all": 200, "sample": 60}
     assert saved["split"]["users"] == 200 and saved["split"]["users_dropped"] == 0
     pngs = [f for f in saved["files"] if f.endswith(".png")]
@@ -58,6 +59,20 @@ def test_reports_are_written(full_run: dict) -> None:
     assert block["full"]["HR_curve"][9] == pytest.approx(block["full"]["HR@10"]["mean"])
     sasrec = next(m for m in saved["methods"] if m["key"] == "sasrec")
     assert len(sasrec["details"]["epochs"]) == 2
+
+
+def test_cold_start_slices_partition_the_users(full_run: dict) -> None:
+    for pop, n in (("all", 200), ("sample", 60)):
+        for key, block in full_run["results"][pop].items():
+            s = block["slices"]
+            assert sum(s[k]["users"] for k in ("history <= 5", "history 6-20", "history > 20")) == n, key
+            assert s["item unseen"]["users"] + s["item rare (1-5)"]["users"] == s["item <= 5"]["users"]
+            assert s["item <= 5"]["users"] + s["item popular (> 5)"]["users"] == n
+    # Popularity never recommends an item without training interactions: zero on that slice.
+    unseen = full_run["results"]["all"]["popularity"]["slices"]["item unseen"]
+    assert unseen["users"] == 0 or unseen["NDCG@10"]["mean"] == 0.0
+    md = (Path(full_run["run_dir"]) / "results.md").read_text()
+    assert "## Cold start, all" in md and "| SLIM ID-agnostic, trained, no rationale |" in md
 
 
 def test_sasrec_and_baselines_beat_random(full_run: dict) -> None:
