@@ -15,9 +15,10 @@ from cli.base import cli, console, fail, load_settings, progress_bar
 @cli.command()
 def evaluate(
     data: Annotated[Optional[str], typer.Option(help="ml-1m, ml-100k or a directory (default: SLIMSTREAM_DATASET)")] = None,
-    methods: Annotated[str, typer.Option(help="comma-separated: random, popularity, item-knn, sasrec, text-mean, "
-                                               "slim-{base,distilled,teacher}, sasrec+slim-{base,distilled,teacher}, "
-                                               "sasrec+text-mean")]
+    methods: Annotated[str, typer.Option(help="comma-separated: random, popularity, item-knn, sasrec, sasrec-tuned, "
+                                               "text-mean, slim-{base,distilled,teacher}, "
+                                               "sasrec+slim-{base,distilled,teacher}, sasrec+text-mean, "
+                                               "slim-id-{base,distilled,teacher}, slim-text-{base,distilled,teacher,none}")]
         = "random,popularity,item-knn,sasrec,text-mean",
     sample_users: Annotated[int, typer.Option(min=0, help="seeded user sample reported separately (0: all users)")] = 1000,
     limit_users: Annotated[Optional[int], typer.Option(min=1, help="keep only this many (seeded) users: a quick slice")] = None,

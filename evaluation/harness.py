@@ -158,6 +158,19 @@ def _sasrec(ctx: EvalContext) -> Ranker:
     return _Prefitted(ctx.fitted_sasrec())
 
 
+def _sasrec_tuned(ctx: EvalContext) -> Ranker:
+    """A budgeted search on the validation split (models/search.py): 4 trials, each within the SASRec
+    budget, the default configuration first."""
+    from models.sasrec import SASRecConfig
+    from models.search import TunedSASRec
+
+    cfg = replace(ctx.sasrec_config or SASRecConfig(), epochs=ctx.sasrec_epochs, seed=ctx.seed)
+    trials = 4
+    budget = trials * (cfg.time_budget_s if cfg.time_budget_s is not None else 600.0)
+    return TunedSASRec(cfg, trials=trials, budget_s=budget, seed=ctx.seed,
+                       progress=lambda msg, done, total: ctx.progress(f"SASRec search: {msg}", -1, -1))
+
+
 def _text_mean(ctx: EvalContext) -> Ranker:
     vecs = ctx.item_vectors()
     # The stream's prompt shows the newest prompt_max_items items; the no-LLM floor uses the same window.
@@ -173,6 +186,7 @@ def _builtin_methods() -> dict[str, Method]:
         "popularity": Method("popularity", lambda ctx: PopularityRanker()),
         "item-knn": Method("item-knn", lambda ctx: ItemKNNRanker()),
         "sasrec": Method("sasrec", _sasrec),
+        "sasrec-tuned": Method("sasrec-tuned", _sasrec_tuned),
         "text-mean": Method("text-mean", _text_mean),
     }
     for key in SLIM_METHODS:
@@ -186,7 +200,7 @@ BASELINE_METHODS = ("random", "popularity", "item-knn", "sasrec", "text-mean")
 BUILTIN_METHODS = (*BASELINE_METHODS, "slim-base", "slim-distilled", "slim-teacher", "sasrec+slim-base",
                    "sasrec+slim-distilled", "sasrec+slim-teacher", "sasrec+text-mean",
                    "slim-id-base", "slim-id-distilled", "slim-id-teacher", "slim-text-base", "slim-text-distilled",
-                   "slim-text-teacher", "slim-text-none")
+                   "slim-text-teacher", "slim-text-none", "sasrec-tuned")
 DEFAULT_METHODS = BASELINE_METHODS
 
 
@@ -343,6 +357,7 @@ def run_evaluation(
         "methods": method_info,
         "failed": failed,
         "results": results,
+        "checks": beats_baselines(results["all"]),
     }
     run_dir = _write_reports(out, Path(out_dir) / run, plots, t_start)
     steps.advance(f"done: {run_dir}")
@@ -411,6 +426,24 @@ def _evaluate_methods(resolved: Sequence[Method], ctx: EvalContext, split: Any, 
             info["details"] = ranker.summary()
         method_info.append(info)
     return results, method_info, failed
+
+
+def _trained(key: str) -> bool:
+    return key in ("sasrec", "sasrec-tuned") or key.startswith(("slim-id-", "slim-text-"))
+
+
+def beats_baselines(block: dict[str, Any]) -> list[dict[str, Any]]:
+    """For every trained model of the run: does its full-ranking NDCG@10 beat popularity's and item-kNN's
+    (those that were run) on all users? What a user's own dataset must show with default settings."""
+    base = {k: block[k]["full"]["NDCG@10"]["mean"] for k in ("popularity", "item-knn") if k in block}
+    out = []
+    for key, r in block.items():
+        if not _trained(key) or not base:
+            continue
+        ndcg = r["full"]["NDCG@10"]["mean"]
+        out.append({"method": key, "NDCG@10": ndcg, "baselines": base,
+                    "beats_all": all(ndcg > v for v in base.values())})
+    return out
 
 
 def _slices(r: _PerUser, test: EvalPhase, counts: np.ndarray, ci: str, seed: int) -> dict[str, Any]:

@@ -67,6 +67,12 @@ def markdown(out: dict[str, Any]) -> str:
                      _fmt(sm["NDCG@10"]), _fmt(sm["NDCG@20"])]
             lines.append("| " + " | ".join(cells) + " |")
     lines += _slice_tables(out, names)
+    if out.get("checks"):
+        lines += ["", "## Trained models vs the baselines (all users, full-ranking NDCG@10)", ""]
+        for c in out["checks"]:
+            vs = ", ".join(f"{names.get(k, k)} {v:.4f}" for k, v in c["baselines"].items())
+            lines.append(f"- {names[c['method']]}: {c['NDCG@10']:.4f} vs {vs}: "
+                         f"{'beats them' if c['beats_all'] else '**does not beat them all**'}")
     if out.get("failed"):
         lines += ["", "## Failed methods", ""] + [f"- `{k}`: {v}" for k, v in out["failed"].items()]
     lines += ["", "## Methods", "", "| method | users | fit (s) | score (s) | notes |", "|---|---|---|---|---|"]

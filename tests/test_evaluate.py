@@ -59,6 +59,12 @@ def test_reports_are_written(full_run: dict) -> None:
     assert block["full"]["HR_curve"][9] == pytest.approx(block["full"]["HR@10"]["mean"])
     sasrec = next(m for m in saved["methods"] if m["key"] == "sasrec")
     assert len(sasrec["details"]["epochs"]) == 2
+    checks = {c["method"]: c for c in saved["checks"]}
+    assert set(checks) == {"sasrec", "slim-text-none"}
+    for c in checks.values():
+        beats = all(c["NDCG@10"] > saved["results"]["all"][b]["full"]["NDCG@10"]["mean"] for b in ("popularity", "item-knn"))
+        assert c["beats_all"] == beats
+    assert "## Trained models vs the baselines" in md
 
 
 def test_cold_start_slices_partition_the_users(full_run: dict) -> None:

@@ -62,3 +62,18 @@ def test_a_resumed_run_ends_with_the_same_weights(data: TrainingData, tmp_path: 
     other = SASRecRanker(replace(SMALL, epochs=1, dim=16, checkpoint_dir=str(tmp_path)))
     other.fit(data)
     assert len(other.history) == 1 and len(list(tmp_path.glob("sasrec-*.pt"))) == 2
+
+
+def test_the_search_keeps_the_best_trial_on_validation(data: TrainingData) -> None:
+    from models.search import TunedSASRec
+
+    space = {"dim": (32, 16), "dropout": (0.2, 0.5), "lr": (3e-3,), "weight_decay": (0.0,)}
+    tuned = TunedSASRec(replace(SMALL, epochs=2), trials=3, budget_s=600, space=space, seed=1)
+    cands = tuned.candidates()
+    assert cands[0] == {"dim": 32, "dropout": 0.2, "lr": 3e-3, "weight_decay": 0.0}  # the default first
+    assert len({tuple(c.items()) for c in cands}) == 3
+    tuned.fit(data)
+    scores = [t.valid_ndcg10 for t in tuned.log]
+    assert len(scores) == 3 and tuned.best is not None
+    assert max(scores) == pytest.approx(_valid_ndcg(tuned, data), abs=1e-6)
+    assert tuned.summary()["search"]["chosen"] == tuned.log[scores.index(max(scores))].params
