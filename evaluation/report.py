@@ -106,14 +106,23 @@ def _slice_tables(out: dict[str, Any], names: dict[str, str]) -> list[str]:
         block = {k: r for k, r in out["results"][pop].items() if "slices" in r}
         if not block:
             continue
-        slices = list(next(iter(block.values()))["slices"])
-        counts = next(iter(block.values()))["slices"]
+        counts = next(iter(block.values()))["slices"]  # the same users per slice for every method
+        slices = list(counts)
         lines += ["", f"## Cold start, {pop} (full-ranking NDCG@10; users per slice in the header)", "",
                   "| method | " + " | ".join(f"{s} ({counts[s]['users']})" for s in slices) + " |",
                   "|" + "---|" * (len(slices) + 1)]
         for key, r in block.items():
             lines.append(f"| {names[key]} | " + " | ".join(_fmt(r["slices"][s]["NDCG@10"]) for s in slices) + " |")
     return lines
+
+
+def _save(fig: Any, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
 
 
 def plots(out: dict[str, Any], run_dir: Path) -> list[str]:
@@ -154,11 +163,7 @@ def plots(out: dict[str, Any], run_dir: Path) -> list[str]:
             ax.grid(axis="y", alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{out['source']} — {pop} ({out['populations'][pop]} users), 95% CI")
-        fig.tight_layout()
-        name = f"metrics_{pop}.png"
-        fig.savefig(run_dir / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
+        written.append(_save(fig, run_dir / f"metrics_{pop}.png"))
 
         fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
         ks = np.arange(1, MAX_CURVE_K + 1)
@@ -171,11 +176,7 @@ def plots(out: dict[str, Any], run_dir: Path) -> list[str]:
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"{out['source']} — HR@K, {pop} ({out['populations'][pop]} users)")
-        fig.tight_layout()
-        name = f"hr_curve_{pop}.png"
-        fig.savefig(run_dir / name, dpi=110)
-        plt.close(fig)
-        written.append(name)
+        written.append(_save(fig, run_dir / f"hr_curve_{pop}.png"))
     return written
 
 

@@ -36,6 +36,4 @@ def cold_start_slices(full_greater: np.ndarray, full_ties: np.ndarray, history_l
     return out
 
 
-SLICE_NAMES = tuple(n for n, _, _ in HISTORY_SLICES + ITEM_SLICES)
-
-__all__ = ["HISTORY_SLICES", "ITEM_SLICES", "SLICE_NAMES", "cold_start_slices"]
+__all__ = ["HISTORY_SLICES", "ITEM_SLICES", "cold_start_slices"]

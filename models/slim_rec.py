@@ -19,7 +19,7 @@ test item is ever in a prompt.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -185,18 +185,10 @@ class SLIMRecRanker(SASRecRanker):
             h.update(self.rationales.cuts.tobytes())
 
     def summary(self) -> dict:
-        out = super().summary()
-        out["config"] = asdict(self.cfg)
+        out = super().summary()  # its config is this model's (asdict of the SLIMRecConfig)
         if self.rationales is not None:
             out["rationales"] = {"source": self.rationales.source, **self.rationales.counts}
         return out
 
 
-def null_share(ranker: SLIMRecRanker) -> float:
-    """Share of users served through the learned no-rationale vector."""
-    if ranker.rationales is None:
-        return 1.0
-    return float(np.mean(ranker.rationales.cuts < 0))
-
-
-__all__ = ["RationaleInputs", "SLIMRecConfig", "SLIMRecRanker", "null_share", "rationale_cuts", "rationale_inputs"]
+__all__ = ["RationaleInputs", "SLIMRecConfig", "SLIMRecRanker", "rationale_cuts", "rationale_inputs"]
