@@ -17,6 +17,7 @@ the other, repeated: fp32 vs bf16 autocast, 1 vs 2 threads, full cross-entropy v
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 import json
 import platform
 import statistics
@@ -55,13 +56,13 @@ def profile(args: argparse.Namespace) -> dict:
             cfg = SASRecConfig(batch_size=args.batch_size)
             net = _SASRecNet(data.n_items, cfg)
             opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 and bf16_supported() else torch.no_grad()
+            use_bf16 = bf16 and bf16_supported()
             for step in range(args.steps + 1):
                 batch = windows[torch.from_numpy(rng.integers(0, len(windows), args.batch_size))]
                 t0 = time.perf_counter()
                 inputs, targets = batch[:, :-1], batch[:, 1:]
                 keep = targets != 0
-                with (ctx if bf16 else torch.enable_grad()):
+                with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False) if use_bf16 else nullcontext():
                     h = net.hidden(inputs)[keep]
                     if neg is None:
                         loss = nn.functional.cross_entropy(net.logits(h).float(), targets[keep])

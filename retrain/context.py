@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -78,7 +78,7 @@ class CycleContext:
     started: float = field(default_factory=time.perf_counter)
 
     @classmethod
-    def create(cls, settings: Settings, *, registry: ModelRegistry, events: Sequence[Any],
+    def create(cls, settings: Settings, *, registry: ModelRegistry, events: Iterable[Any],
                catalogue: Mapping[str, Item] | Sequence[Item], drift_reason: Any, data_window: DataWindow | None,
                progress: Progress | None) -> CycleContext:
         cat = dict(catalogue) if isinstance(catalogue, Mapping) else {it.item_id: it for it in catalogue}

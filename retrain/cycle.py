@@ -75,7 +75,7 @@ def run_cycle(
     the manifest says so).
     """
     registry = registry or ModelRegistry.for_settings(settings)
-    ctx = CycleContext.create(settings, registry=registry, events=list(events), catalogue=catalogue,
+    ctx = CycleContext.create(settings, registry=registry, events=events, catalogue=catalogue,
                               drift_reason=drift_reason, data_window=data_window, progress=progress)
     if not ctx.events:
         return ctx.done("skipped", "no new events since the last cycle")
