@@ -73,6 +73,11 @@ class ModelUpdateListener(Service):
         if current != runtime.student_version:
             log.info("registry CURRENT changed to %s while the worker was starting", current)
             await runtime.swap_student(current, reason="start-up: registry CURRENT changed while loading")
+        if runtime.rankers.enabled:
+            ranker = await asyncio.to_thread(runtime.rankers.registry.current)
+            if ranker != runtime.rankers.version:
+                log.info("ranker CURRENT changed to %s while the worker was starting", ranker)
+                await runtime.swap_ranker(ranker, reason="start-up: ranker CURRENT changed while loading")
 
     async def _consume(self, consumer: AIOKafkaConsumer, tps: list[TopicPartition],
                        offsets: dict[TopicPartition, int]) -> None:
@@ -88,17 +93,27 @@ class ModelUpdateListener(Service):
                     except ValidationError as exc:
                         runtime.metrics["model_updates_invalid"] += 1
                         log.error("ignoring invalid model update at offset %d: %s", record.offset, exc)
-            if not updates:
-                continue
-            update = updates[-1]  # topic order is the order of the registry changes
-            runtime.metrics["model_updates_superseded"] += len(updates) - 1
-            if update.registry_dir != str(runtime.registry.root.resolve()):
-                # Paths may differ between hosts sharing one registry volume; the version is looked up here.
-                log.warning("model update %s names registry %s; this worker serves from %s",
-                            update.event_id, update.registry_dir, runtime.registry.root.resolve())
-            log.info("model update %s: %s %s (%s)", update.event_id, update.action, update.model_version,
-                     update.reason or "no reason given")
-            await runtime.swap_student(update.version, reason=f"{update.action} {update.event_id}: {update.reason}")
+            # Topic order is the order of the registry changes: per component only the last one counts.
+            for component in ("student", "ranker"):
+                mine = [u for u in updates if u.component == component]
+                if mine:
+                    runtime.metrics["model_updates_superseded"] += len(mine) - 1
+                    await self._apply(mine[-1])
+
+    async def _apply(self, update: ModelUpdate) -> None:
+        registry = runtime.rankers.registry if update.component == "ranker" else runtime.registry
+        if update.registry_dir != str(registry.root.resolve()):
+            # Paths may differ between hosts sharing one registry volume; the version is looked up here.
+            log.warning("model update %s names registry %s; this worker serves from %s",
+                        update.event_id, update.registry_dir, registry.root.resolve())
+        log.info("model update %s: %s %s %s (%s)", update.event_id, update.component, update.action,
+                 update.model_version, update.reason or "no reason given")
+        reason = f"{update.action} {update.event_id}: {update.reason}"
+        if update.component == "ranker":
+            if runtime.rankers.enabled:
+                await runtime.swap_ranker(update.version, reason=reason)
+            return
+        await runtime.swap_student(update.version, reason=reason)
 
 
 async def _assign_all(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:

@@ -1,12 +1,16 @@
 """Build :class:`Recommendation` s for users' windows: the part both paths share, batched.
 
-Fast path: each user's last rationale vector (whatever window it was written for) blended with the embeddings
-of the newest window items. Slow path: the same with the rationale that was just written for this window.
-Either way the items already in the window are excluded.
+With a trained ranker (the ranker registry's CURRENT, :mod:`agents.ranker_slot`): the ranker's top-K over the
+catalogue for the user's window, its input the user's latest rationale vector (fast path: the stored one,
+whatever window it was written for; slow path: the one just written for this window); a window with no item the
+ranker knows gets its training popularity order. Without one (nothing promoted yet, or
+``retrieval.ranker=text``): the text ranker, the rationale vector blended with the embeddings of the newest window
+items, against the items' text vectors. Either way the items already in the window are excluded, and each
+answer names the ranker version and the student that served it.
 
-One call serves a whole batch of users with three store round trips (their rationales, the union of their
-recent items' vectors, one batched search) and at most one encoder call (items the catalogue does not know),
-so the cost of answering a backlog grows with the users in it, not with its events.
+One call serves a whole batch of users with a few store round trips (their rationales; for the text ranker the
+union of their recent items' vectors and one batched search) and one batched ranker call, so the cost of
+answering a backlog grows with the users in it, not with its events.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from agents.ranker_slot import Served
 from agents.runtime import Runtime
 from models.rankers import blend_query, recent_items_vector
 from streams.events import Recommendation, RecommendationPath, RecommendedItem
+from streams.registry import TEXT_RANKER
 from streams.window import WindowState
 from vectorstore.store import rationale_key
 
@@ -35,12 +41,65 @@ async def build_recommendations(
     the stored ones (the slow path's fresh rationales); users missing from it are looked up in the store."""
     if not states:
         return []
+    assert rt.store is not None
+    given = dict(rationales or {})
+    lookup = [st.user_id for st in states if st.user_id not in given]
+    stored = await rt.in_store(rt.store.get_rationales, lookup) if lookup else {}
+    chosen = [given.get(st.user_id) or stored.get(st.user_id) for st in states]
+    served = rt.rankers.served  # taken once: a swap during this batch does not mix versions
+    if served is not None:
+        ranked = await _rank(rt, served, states, chosen)
+    else:
+        ranked = await _text_rank(rt, states, chosen)
+    now = time.time()
+    out = []
+    student = rt.model_version
+    for st, (items, label), rationale in zip(states, ranked, chosen):
+        payload = rationale[1] if rationale else {}
+        out.append(Recommendation(
+            user_id=st.user_id,
+            items=items,
+            rationale=payload.get("rationale", ""),
+            rationale_model_version=payload.get("model_version"),
+            rationale_window_version=payload.get("window_version"),
+            rationale_current=bool(payload) and rationale_key(payload) == st.key,
+            window_version=st.version,
+            last_event_timestamp=st.last_event_timestamp,
+            produced_at=now,
+            path=path,
+            ranker_version=label,
+            student_version=student,
+        ))
+    return out
+
+
+async def _rank(rt: Runtime, served: Served, states: Sequence[WindowState],
+                chosen: Sequence[Rationale | None]) -> list[tuple[list[RecommendedItem], str]]:
+    """The trained ranker's top-K per window; the popularity fallback where it knows no window item."""
+    assert rt.store is not None
+    k = rt.settings.retrieval.top_k
+    windows = [st.item_ids for st in states]
+    vectors = [None if r is None else r[0] for r in chosen]
+    ranked = await rt.rankers.rank(served, rt.store, windows, vectors, k)
+    out = []
+    for window, hits in zip(windows, ranked):
+        if hits is None:
+            rt.metrics["recommendations_popular_fallback"] += 1
+            popular = rt.rankers.popular(served, window, k)
+            out.append(([RecommendedItem(item_id=i, score=float(k - n), title=served.titles.get(i, i))
+                         for n, i in enumerate(popular)], f"popular+{served.version}"))
+            continue
+        out.append(([RecommendedItem(item_id=h.item_id, score=h.score, title=served.titles.get(h.item_id, h.item_id))
+                     for h in hits], served.label))
+    return out
+
+
+async def _text_rank(rt: Runtime, states: Sequence[WindowState],
+                     chosen: Sequence[Rationale | None]) -> list[tuple[list[RecommendedItem], str]]:
+    """The text ranker: rationale + recent items' text vectors against the items' text vectors."""
     s = rt.settings
     assert rt.store is not None
     store = rt.store
-    given = dict(rationales or {})
-    lookup = [st.user_id for st in states if st.user_id not in given]
-    stored = await rt.in_store(store.get_rationales, lookup) if lookup else {}
     recent = {st.user_id: st.item_ids[-s.retrieval.fast_path_recent_items:] for st in states}
     wanted = list(dict.fromkeys(i for ids in recent.values() for i in ids))
     item_vectors = await rt.in_store(store.get_item_vectors, wanted) if wanted else {}
@@ -53,10 +112,7 @@ async def build_recommendations(
 
     queries: list[tuple[np.ndarray, list[str]]] = []
     slots: list[int | None] = []
-    chosen: list[Rationale | None] = []
-    for st in states:
-        rationale = given.get(st.user_id) or stored.get(st.user_id)
-        chosen.append(rationale)
+    for st, rationale in zip(states, chosen):
         ids = recent[st.user_id]
         query = blend_query(rationale[0] if rationale else None,
                             recent_items_vector(ids, item_vectors, s.retrieval.fast_path_recent_items, s.retrieval.recency_decay),
@@ -67,22 +123,6 @@ async def build_recommendations(
         slots.append(len(queries))
         queries.append((query, st.item_ids))
     results = await rt.in_store(store.search_items_batch, queries, s.retrieval.top_k) if queries else []
-
-    now = time.time()
-    out = []
-    for st, slot, rationale in zip(states, slots, chosen):
-        hits = [] if slot is None else results[slot]
-        payload = rationale[1] if rationale else {}
-        out.append(Recommendation(
-            user_id=st.user_id,
-            items=[RecommendedItem(item_id=h.item_id, score=float(h.score), title=h.title) for h in hits],
-            rationale=payload.get("rationale", ""),
-            rationale_model_version=payload.get("model_version"),
-            rationale_window_version=payload.get("window_version"),
-            rationale_current=bool(payload) and rationale_key(payload) == st.key,
-            window_version=st.version,
-            last_event_timestamp=st.last_event_timestamp,
-            produced_at=now,
-            path=path,
-        ))
-    return out
+    return [([] if slot is None else
+             [RecommendedItem(item_id=h.item_id, score=float(h.score), title=h.title) for h in results[slot]],
+             TEXT_RANKER) for slot in slots]

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 import numpy as np
 
 from agents.backlog import RationaleBacklog
+from agents.ranker_slot import RankerSlot
 from streams.drift import DriftMonitor, StaleShare
 from streams.drift_reference import DriftReference, read_drift_reference
 from streams.registry import ModelRegistry
@@ -71,6 +72,7 @@ class Runtime:
         self._student_pool = ThreadPoolExecutor(settings.student.concurrency, thread_name_prefix="student")
         self._loader_pool = ThreadPoolExecutor(1, thread_name_prefix="student-loader")
         self.store: VectorStore | None = None
+        self.rankers = RankerSlot(settings, self.metrics, self.in_store)  # the trained ranker (agents/ranker_slot.py)
         self.encoder: TextEncoder | None = None
         self.student: StudentBackend | None = None
         self.registry = ModelRegistry.for_settings(settings)
@@ -103,6 +105,8 @@ class Runtime:
         student_f = loop.run_in_executor(self._student_pool, self._load_student)
         self.encoder = await encoder_f
         self.store = await self.in_store(self._open_store)
+        # The trained ranker before the first answer: the fast path waits for store_ready only.
+        await self.rankers.start(self.store)
         self.store_ready.set()
         log.info("vector store ready (%.1fs)", time.monotonic() - t0)
         version, self.student, reference = await student_f
@@ -137,6 +141,12 @@ class Runtime:
     @property
     def model_version(self) -> str | None:
         return self.student.model_version if self.student is not None else None
+
+    async def swap_ranker(self, version: str | None, *, reason: str = "") -> SwapResult:
+        """Serve ranker ``version`` (None: the text ranker) from now on (:meth:`RankerSlot.swap`)."""
+        await self.store_ready.wait()
+        assert self.store is not None
+        return await self.rankers.swap(version, self.store, reason=reason)  # type: ignore[return-value]
 
     async def swap_student(self, version: str | None, *, reason: str = "") -> SwapResult:
         """Serve registry ``version`` (``None``: the base student) from now on, without blocking the loop.
@@ -315,6 +325,7 @@ class Runtime:
             self._store_pool.submit(self.store.close).result(timeout=30)
         for pool in (self._store_pool, self._encoder_pool, self._student_pool, self._loader_pool):
             pool.shutdown(wait=False, cancel_futures=True)
+        self.rankers.close()
 
     # -- off-loop calls ------------------------------------------------------------------------------------
     async def in_store(self, fn: Callable[..., T], *args: Any) -> T:

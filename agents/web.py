@@ -20,6 +20,7 @@ class Health(View):
             "model_version": runtime.model_version,
             "registry_version": runtime.student_version,
             "model_swap_in_progress": runtime.swap_in_progress,
+            "ranker_version": runtime.rankers.version,
             # Table state is complete only once changelog recovery has finished.
             "recovery_completed": app.tables.recovery.completed.is_set(),
             "assigned_partitions": len(app.assignor.assigned_actives()),
@@ -36,6 +37,8 @@ class Metrics(View):
             **runtime.metrics,
             "student_model_version": runtime.model_version,
             "last_model_swap": runtime.last_swap,
+            "ranker_version": runtime.rankers.version,
+            "last_ranker_swap": runtime.rankers.last_swap,
             "load": runtime.load_snapshot(),
             "drift": runtime.drift_snapshot(),
         })

@@ -18,7 +18,8 @@ def evaluate(
     methods: Annotated[str, typer.Option(help="comma-separated: random, popularity, item-knn, sasrec, sasrec-tuned, "
                                                "text-mean, slim-{base,distilled,teacher}, "
                                                "sasrec+slim-{base,distilled,teacher}, sasrec+text-mean, "
-                                               "slim-id-{base,distilled,teacher}, slim-text-{base,distilled,teacher,none}")]
+                                               "slim-id-{base,distilled,teacher}, slim-text-{base,distilled,teacher,none}, "
+                                               "served (the ranker registry's version, scored as a worker serves it)")]
         = "random,popularity,item-knn,sasrec,text-mean",
     sample_users: Annotated[int, typer.Option(min=0, help="seeded user sample reported separately (0: all users)")] = 1000,
     limit_users: Annotated[Optional[int], typer.Option(min=1, help="keep only this many (seeded) users: a quick slice")] = None,
@@ -33,6 +34,7 @@ def evaluate(
                                                              "(default: <data_dir>/checkpoints)")] = None,
     bootstrap: Annotated[bool, typer.Option(help="bootstrap confidence intervals instead of the normal approximation")] = False,
     adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter of the distilled student (default: the registry's CURRENT)")] = None,
+    ranker: Annotated[Optional[str], typer.Option(help="the served method's ranker version (default: the ranker registry's CURRENT)")] = None,
 ) -> None:
     """Offline evaluation: leave-one-out, full and sampled-100 ranking, HR/NDCG/coverage/popularity with 95% CIs.
 
@@ -58,7 +60,8 @@ def evaluate(
             result = run_evaluation(
                 source, names, sample_users=sample_users or None, seed=seed, out_dir=out, sasrec_epochs=sasrec_epochs,
                 run_name=run, limit_users=limit_users, sasrec_config=config,
-                ci="bootstrap" if bootstrap else "normal", settings=settings, adapter_dir=adapter, keep_going=True,
+                ci="bootstrap" if bootstrap else "normal", settings=settings, adapter_dir=adapter, ranker_version=ranker,
+                keep_going=True,
                 progress=lambda message, done, total: progress.update(task, description=message, completed=done,
                                                                       total=total))
         except (ValueError, FileNotFoundError) as exc:  # unknown source, malformed files, too few users

@@ -118,7 +118,7 @@ def _announce(reg, action: str, reason: str) -> None:  # type: ignore[no-untyped
     except KafkaError as exc:
         fail(f"CURRENT is {update.version or 'the base model'} in {reg.root}, but the model update was not "
               f"published to Kafka at {settings.kafka.bootstrap_servers} (KAFKA_BOOTSTRAP_SERVERS): "
-              f"{str(exc) or type(exc).__name__}; running workers keep their student until they restart or "
+              f"{str(exc) or type(exc).__name__}; running workers keep their version until they restart or "
               "`slimstream models publish` succeeds")
     console.print(f"published model update {update.event_id} to {settings.kafka.topic_model_updates!r}: "
                   f"{update.model_version}")

@@ -63,6 +63,7 @@ class EvalContext:
     encoder: TextEncoder | None = None  # loaded on first use
     sample: np.ndarray | None = None  # the seeded user sample (the LLM methods fit and score on it)
     adapter_dir: Path | None = None  # the distilled student's LoRA adapter (None: the registry's CURRENT)
+    ranker_version: str | None = None  # the ``served`` method's ranker (None: the ranker registry's CURRENT)
     _shared: dict[str, Any] = field(default_factory=dict)
     _items: dict[str, Item] | None = None
     _item_vectors: np.ndarray | None = None
@@ -177,6 +178,20 @@ def _text_mean(ctx: EvalContext) -> Ranker:
     return TextRanker(vecs, HistoryMeanVectors(vecs, max_items=ctx.settings.student.prompt_max_items))
 
 
+def _served(ctx: EvalContext) -> Ranker:
+    """The ranker registry's version (``ranker_version``, default CURRENT) scored as the worker serves it."""
+    from evaluation.served import ServedRankerMethod
+    from streams.registry import ModelRegistry
+
+    registry = ModelRegistry.rankers_for_settings(ctx.settings)
+    version = ctx.ranker_version or registry.current()
+    if version is None:
+        raise ValueError(f"served: no ranker is promoted in {registry.root} (slimstream train-ranker --promote)")
+    if not registry.exists(version):
+        raise ValueError(f"served: no ranker version {version!r} in {registry.root}")
+    return ServedRankerMethod(registry.version_dir(version), version, ctx.settings.worker.window_size)
+
+
 def _builtin_methods() -> dict[str, Method]:
     from models.baselines import ItemKNNRanker, PopularityRanker, RandomRanker
     from evaluation.slim_methods import SLIM_METHODS, TRAINED_METHODS, build_slim_method, build_trained_method
@@ -188,6 +203,7 @@ def _builtin_methods() -> dict[str, Method]:
         "sasrec": Method("sasrec", _sasrec),
         "sasrec-tuned": Method("sasrec-tuned", _sasrec_tuned),
         "text-mean": Method("text-mean", _text_mean),
+        "served": Method("served", _served),
     }
     for key in SLIM_METHODS:
         methods[key] = Method(key, lambda ctx, k=key: build_slim_method(k, ctx), sample_only=True)
@@ -200,7 +216,7 @@ BASELINE_METHODS = ("random", "popularity", "item-knn", "sasrec", "text-mean")
 BUILTIN_METHODS = (*BASELINE_METHODS, "slim-base", "slim-distilled", "slim-teacher", "sasrec+slim-base",
                    "sasrec+slim-distilled", "sasrec+slim-teacher", "sasrec+text-mean",
                    "slim-id-base", "slim-id-distilled", "slim-id-teacher", "slim-text-base", "slim-text-distilled",
-                   "slim-text-teacher", "slim-text-none", "sasrec-tuned")
+                   "slim-text-teacher", "slim-text-none", "sasrec-tuned", "served")
 DEFAULT_METHODS = BASELINE_METHODS
 
 
@@ -304,6 +320,7 @@ def run_evaluation(
     encoder: TextEncoder | None = None,
     batch_size: int = 512,
     adapter_dir: str | Path | None = None,
+    ranker_version: str | None = None,
     keep_going: bool = False,
     plots: bool = True,
     progress: ProgressFn | None = None,
@@ -337,7 +354,7 @@ def run_evaluation(
     ctx = EvalContext(source=source, data=split.training_data(), settings=settings, seed=seed,
                       sasrec_epochs=sasrec_epochs, sasrec_config=sasrec_config,
                       progress=lambda m, d, t: steps.say(m, d), encoder=encoder, sample=sample,
-                      adapter_dir=None if adapter_dir is None else Path(adapter_dir))
+                      adapter_dir=None if adapter_dir is None else Path(adapter_dir), ranker_version=ranker_version)
     results, method_info, failed = _evaluate_methods(resolved, ctx, split, negatives, ci, batch_size, keep_going,
                                                      steps)
     steps.say("writing reports")
@@ -429,7 +446,7 @@ def _evaluate_methods(resolved: Sequence[Method], ctx: EvalContext, split: Any, 
 
 
 def _trained(key: str) -> bool:
-    return key in ("sasrec", "sasrec-tuned") or key.startswith(("slim-id-", "slim-text-"))
+    return key in ("sasrec", "sasrec-tuned", "served") or key.startswith(("slim-id-", "slim-text-"))
 
 
 def beats_baselines(block: dict[str, Any]) -> list[dict[str, Any]]:

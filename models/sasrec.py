@@ -136,11 +136,13 @@ class _SASRecNet(nn.Module):
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
-    def hidden(self, seq: torch.Tensor) -> torch.Tensor:
-        """[B, L] left-padded item indices -> [B, L, d] hidden states (row t sees items 0..t)."""
+    def hidden(self, seq: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L] left-padded item indices -> [B, L, d] hidden states (row t sees items 0..t). ``table``: the
+        input item vectors to use instead of the trained ones (a served table extended with new items)."""
         b, length = seq.shape
         pos = torch.arange(length, device=seq.device)
-        x = self.embed(seq) * math.sqrt(self.cfg.dim) + self.pos_emb(pos)[None]
+        emb = self.embed(seq) if table is None else nn.functional.embedding(seq, table)
+        x = emb * math.sqrt(self.cfg.dim) + self.pos_emb(pos)[None]
         pad = seq == 0
         x = self.drop(x) * (~pad)[..., None]
         # Causal mask plus "never attend to padding" - except a position always sees itself, so the all-padding

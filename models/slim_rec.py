@@ -37,6 +37,18 @@ RationaleFn = Callable[[np.ndarray, Sequence[np.ndarray]], np.ndarray]
 class SLIMRecConfig(SASRecConfig):
     items: Literal["id", "text", "id+text"] = "id"
     rationale_tail: int = 10  # training targets after the rationale's prefix (the rest see the null vector)
+    # Width of the text adapter's hidden layer (0: one linear map). MiniLM puts "Star Wars" next to "Star Kid";
+    # a linear projection cannot pull apart what the sentence space put together, a small MLP can.
+    text_hidden: int = 256
+
+
+def _text_adapter(text_dim: int, dim: int, hidden: int) -> nn.Module:
+    """Frozen text vector -> item representation; bias-free, so the padding row (a zero vector) stays zero."""
+    if hidden <= 0:
+        proj = nn.Linear(text_dim, dim, bias=False)
+        nn.init.normal_(proj.weight, std=text_dim ** -0.5 * dim ** -0.5)
+        return proj
+    return nn.Sequential(nn.Linear(text_dim, hidden, bias=False), nn.GELU(), nn.Linear(hidden, dim, bias=False))
 
 
 class _SLIMNet(_SASRecNet):
@@ -47,8 +59,7 @@ class _SLIMNet(_SASRecNet):
         if self.mode != "id":
             assert item_text is not None
             self.register_buffer("item_text", item_text, persistent=False)
-            self.text_proj = nn.Linear(item_text.shape[1], cfg.dim, bias=False)
-            nn.init.normal_(self.text_proj.weight, std=item_text.shape[1] ** -0.5 * cfg.dim ** -0.5)
+            self.text_proj = _text_adapter(item_text.shape[1], cfg.dim, cfg.text_hidden)
         if self.mode == "text":
             self.item_emb.weight.requires_grad_(False)
             with torch.no_grad():
@@ -79,6 +90,21 @@ class _SLIMNet(_SASRecNet):
             return h
         r = torch.where(use[..., None], r, self.null_rationale.to(r.dtype))
         return self.fuse_norm(h + self.fuse(torch.cat([h, self.rationale_proj(r)], dim=-1)))
+
+
+def user_states(net: Any, seq: torch.Tensor, rationale: torch.Tensor | None = None,
+                use: torch.Tensor | None = None, table: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, d] user states of left-padded histories ``seq`` [B, L]: the newest position, fused with the rationale
+    ``rationale`` [B, rdim] where ``use``, else the null vector. The one function the harness (through
+    :meth:`SLIMRecRanker.score`) and the worker (:mod:`models.served_ranker`) both call. ``table``: see
+    :meth:`models.sasrec._SASRecNet.hidden`."""
+    h = net.hidden(seq, table)[:, -1]
+    if getattr(net, "rationale_dim", None) is None:
+        return h
+    if rationale is None or use is None:
+        rationale = torch.zeros(len(h), net.rationale_dim)
+        use = torch.zeros(len(h), dtype=torch.bool)
+    return net.with_rationale(h, rationale.to(h.device, h.dtype), use.to(h.device))
 
 
 @dataclass
@@ -169,13 +195,11 @@ class SLIMRecRanker(SASRecRanker):
         return net.with_rationale(h, r[:, None, :].expand(-1, h.shape[1], -1).to(h.dtype), batch["use"])
 
     def _user_state(self, net: Any, users: np.ndarray, seq: torch.Tensor) -> torch.Tensor:
-        h = net.hidden(seq)[:, -1]
         if self.rationales is None:
-            return h
+            return user_states(net, seq)
         users = np.asarray(users, dtype=np.int64)
-        r = torch.from_numpy(self.rationales.vectors[users]).to(h.device)
-        use = torch.from_numpy(self.rationales.cuts[users] >= 0).to(h.device)
-        return net.with_rationale(h, r, use)
+        return user_states(net, seq, torch.from_numpy(self.rationales.vectors[users]),
+                           torch.from_numpy(self.rationales.cuts[users] >= 0))
 
     def _fingerprint(self, h: Any) -> None:
         if self.item_text is not None:
@@ -191,4 +215,4 @@ class SLIMRecRanker(SASRecRanker):
         return out
 
 
-__all__ = ["RationaleInputs", "SLIMRecConfig", "SLIMRecRanker", "rationale_cuts", "rationale_inputs"]
+__all__ = ["RationaleInputs", "SLIMRecConfig", "SLIMRecRanker", "rationale_cuts", "rationale_inputs", "user_states"]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from streams.drift import DriftDecision  # the drift topic's contract lives with the drift signals
+from streams.registry import TEXT_RANKER
 
 if TYPE_CHECKING:
     from streams.settings import Settings
@@ -91,6 +92,10 @@ class Recommendation(BaseModel):
     last_event_timestamp: float = Field(description="Timestamp of the newest event reflected.")
     produced_at: float = Field(default_factory=time.time)
     path: RecommendationPath
+    ranker_version: str = Field(TEXT_RANKER, description=(
+        "What ranked the items: 'ranker+<version>' (a trained ranker of the ranker registry), "
+        "'popular+<version>' (its popularity fallback: no window item it knows) or 'text-cosine'."))
+    student_version: str | None = Field(None, description="The student serving when this was produced.")
 
 
 DEAD_LETTER_MAX_RAW_BYTES = 65_536  # a dead letter carries values up to this size whole (base64: 87 KiB)
@@ -165,6 +170,8 @@ class ModelUpdate(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     event_id: str = Field(default_factory=lambda: str(uuid.uuid4()), description="uuid4 of this update.")
+    component: Literal["student", "ranker"] = Field(
+        "student", description="Which registry changed: the student's or the ranker's (<registry>/rankers).")
     action: Literal["promote", "rollback"]
     version: str | None = Field(description="Registry version now CURRENT; null: the base student.")
     previous: str | None = Field(description="Version served before this change; null: the base student.")

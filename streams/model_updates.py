@@ -29,6 +29,7 @@ def model_update_for(registry: ModelRegistry, settings: Settings,
     last = history[-1] if history else None
     previous = last.get("previous") if last is not None and last.get("version") == version else None
     return ModelUpdate(
+        component="ranker" if registry.kind == "ranker" else "student",
         action=action,
         version=version,
         previous=previous,

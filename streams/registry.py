@@ -7,6 +7,8 @@ Layout under the registry root (default ``<data_dir>/registry``)::
     v0001/train_log.jsonl    one line per optimizer step
     CURRENT                  the version the stream serves (absent: the base model)
     history.jsonl            every promote / rollback, appended
+    rankers/                 the trained rankers: the same layout, one ``models/ranker_artifact.py``
+                             directory per version (CURRENT absent: the worker serves the text ranker)
 
 A version directory appears in one ``os.rename`` of a finished staging directory, so readers never see a
 half-written version; ``CURRENT`` is replaced atomically too. Promote and rollback hold a file lock, so two
@@ -34,6 +36,8 @@ MANIFEST = "manifest.json"
 ADAPTER = "adapter"
 CURRENT = "CURRENT"
 HISTORY = "history.jsonl"
+RANKERS = "rankers"
+TEXT_RANKER = "text-cosine"  # what serves while no ranker is promoted (agents/recommend.py's text ranker)
 MANIFEST_FORMAT = 1
 
 _VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -45,7 +49,7 @@ def utc_now() -> str:
 
 
 def validate_version(version: str) -> str:
-    if not _VERSION_NAME.match(version) or version in (ADAPTER, CURRENT):
+    if not _VERSION_NAME.match(version) or version in (ADAPTER, CURRENT, RANKERS):
         raise ValueError(f"invalid version name {version!r}: use letters, digits, '.', '_', '-' (max 64)")
     return version
 
@@ -71,14 +75,23 @@ def default_registry_dir(settings: Settings) -> Path:
 
 
 class ModelRegistry:
-    """Versioned adapters plus a ``CURRENT`` pointer with promote / rollback history."""
+    """Versioned artifacts plus a ``CURRENT`` pointer with promote / rollback history. ``artifact``: the file a
+    version must have to be promoted (the student's LoRA adapter config; a ranker's weights)."""
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], artifact: str = f"{ADAPTER}/adapter_config.json",
+                 kind: str = "student") -> None:
         self.root = Path(root)
+        self.artifact = artifact
+        self.kind = kind
 
     @classmethod
     def for_settings(cls, settings: Settings) -> ModelRegistry:
         return cls(default_registry_dir(settings))
+
+    @classmethod
+    def rankers_for_settings(cls, settings: Settings) -> ModelRegistry:
+        """The ranker registry: ``<registry>/rankers``."""
+        return cls(default_registry_dir(settings) / RANKERS, artifact="weights.pt", kind="ranker")
 
     # -- versions ----------------------------------------------------------------------------------------
 
@@ -117,7 +130,10 @@ class ModelRegistry:
         return versions[-1] if versions else None
 
     def model_version(self, version: str | None, settings: Settings) -> str:
-        """What recommendations report for ``version`` (``None``: the base model)."""
+        """What recommendations report for ``version`` (``None``: the base student; for rankers: the text
+        ranker)."""
+        if self.kind == "ranker":
+            return TEXT_RANKER if version is None else f"ranker+{version}"
         base = settings.student.model_version
         return base if version is None else f"{base}+{version}"
 
@@ -186,8 +202,8 @@ class ModelRegistry:
         """Make ``version`` the served one. A no-op when it already is."""
         if not self.exists(version):
             raise KeyError(f"no model version {version!r} in {self.root}")
-        if not (self.adapter_dir(version) / "adapter_config.json").is_file():
-            raise ValueError(f"model version {version!r} has no adapter")
+        if not (self.version_dir(version) / self.artifact).is_file():
+            raise ValueError(f"{self.kind} version {version!r} has no {self.artifact}")
         with self._lock():
             previous = self.current()
             if previous == version:
@@ -245,6 +261,8 @@ __all__ = [
     "MANIFEST",
     "MANIFEST_FORMAT",
     "ModelRegistry",
+    "RANKERS",
+    "TEXT_RANKER",
     "default_registry_dir",
     "utc_now",
     "validate_version",

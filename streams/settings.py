@@ -136,6 +136,15 @@ class RetrievalSettings(Section):
     rationale_weight: float = Field(0.6, ge=0, le=1, description="Weight of the rationale vector vs recent items.")
     recency_decay: float = Field(0.8, gt=0, le=1, description="Weight decay per step back in the window.")
     fast_path_recent_items: int = Field(5, ge=1, description="Recent items blended in the fast-path query.")
+    ranker: Literal["registry", "text"] = Field(
+        "registry", json_schema_extra=_env("SLIMSTREAM_RANKER"),
+        description="registry: serve the ranker registry's CURRENT trained ranker (the text ranker until one is "
+                    "promoted); text: always the text-cosine ranker.")
+    ranker_search: Literal["memory", "qdrant"] = Field(
+        "memory", json_schema_extra=_env("SLIMSTREAM_RANKER_SEARCH"),
+        description="memory: exact dot products over the ranker's item table; qdrant: its per-version collection.")
+    ranker_deadline_s: float = Field(5.0, gt=0, json_schema_extra=_env("SLIMSTREAM_RANKER_DEADLINE_S"),
+                                     description="Deadline of one batched ranker call.")
 
 
 class StudentSettings(Section):

@@ -187,9 +187,10 @@ class VectorStore:
         return self.search_items_batch([(query, exclude_item_ids)], limit)[0]
 
     def search_items_batch(self, queries: Sequence[tuple[np.ndarray, Collection[str]]],
-                           limit: int) -> list[list[ScoredItem]]:
+                           limit: int, collection: str | None = None) -> list[list[ScoredItem]]:
         """:meth:`search_items` for many (query, excluded ids) at once: one Qdrant batch request (one round
-        trip to a server), the answers in the order of ``queries``."""
+        trip to a server), the answers in the order of ``queries``. ``collection``: another collection of
+        item points (a ranker version's, :meth:`ensure_ranker_items`) instead of the text items."""
         requests: list[models.QueryRequest] = []
         slots: list[int | None] = []  # index into requests per query; None: no direction, no items
         excludes: list[set[str]] = []
@@ -212,11 +213,48 @@ class VectorStore:
             slots.append(len(requests))
             requests.append(models.QueryRequest(query=q.tolist(), filter=flt, limit=limit + extra,
                                                 with_payload=["item_id", "title", "genres"], with_vector=False))
-        answers = self.client.query_batch_points(self.items_collection, requests=requests) if requests else []
+        target = collection or self.items_collection
+        answers = self.client.query_batch_points(target, requests=requests) if requests else []
         out: list[list[ScoredItem]] = []
         for slot, exclude in zip(slots, excludes):
             out.append([] if slot is None else _scored(answers[slot].points, exclude, limit))
         return out
+
+    def scroll_items(self, with_vectors: bool = False) -> Iterator[tuple[dict[str, Any], np.ndarray | None]]:
+        """Every indexed item: (payload, unit text vector or None)."""
+        offset = None
+        while True:
+            records, offset = self.client.scroll(self.items_collection, limit=_READ_BATCH, offset=offset,
+                                                 with_payload=True, with_vectors=with_vectors)
+            for rec in records:
+                vec = None if rec.vector is None else np.asarray(rec.vector, dtype=np.float32)
+                yield dict(rec.payload or {}), vec
+            if offset is None:
+                return
+
+    # -- ranker versions: one collection of item points per trained ranker --------------------------------------
+    def ranker_collection(self, version: str) -> str:
+        return f"{self.items_collection}-ranker-{version}"
+
+    def ensure_ranker_items(self, version: str, item_ids: Sequence[str], vectors: np.ndarray,
+                            titles: Sequence[str]) -> str:
+        """The ranker version's item vectors (dot-product space) in their own collection; rebuilt when its
+        size or point count differs. Returns the collection name."""
+        name = self.ranker_collection(version)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if self.client.collection_exists(name):
+            if self._vector_size(name) == vectors.shape[1] and self.count(name) == len(item_ids):
+                return name
+            self.client.delete_collection(name)
+        self.client.create_collection(
+            name, vectors_config=models.VectorParams(size=int(vectors.shape[1]), distance=models.Distance.DOT))
+        for start in range(0, len(item_ids), _UPSERT_BATCH):
+            self.client.upsert(name, wait=True, points=[
+                models.PointStruct(id=item_point_id(i), vector=v.tolist(), payload={"item_id": i, "title": t})
+                for i, v, t in zip(item_ids[start:start + _UPSERT_BATCH], vectors[start:start + _UPSERT_BATCH],
+                                   titles[start:start + _UPSERT_BATCH])
+            ])
+        return name
 
     # -- rationales ------------------------------------------------------------------------------------------
     def get_rationale(self, user_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
