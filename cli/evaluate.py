@@ -18,7 +18,7 @@ def evaluate(
     methods: Annotated[str, typer.Option(help="comma-separated: random, popularity, item-knn, sasrec, sasrec-tuned, "
                                                "text-mean, slim-{base,distilled,teacher}, "
                                                "sasrec+slim-{base,distilled,teacher}, sasrec+text-mean, "
-                                               "slim-id-{base,distilled,teacher}, slim-text-{base,distilled,teacher,none}, "
+                                               "slim-id-{base,distilled,teacher}, slim-text-{base,distilled,teacher,none}, slim-idtext-{base,distilled,teacher,none}, "
                                                "served (the ranker registry's version, scored as a worker serves it)")]
         = "random,popularity,item-knn,sasrec,text-mean",
     sample_users: Annotated[int, typer.Option(min=0, help="seeded user sample reported separately (0: all users)")] = 1000,

@@ -110,7 +110,7 @@ def show_recommendation(rec, out: Console | None = None) -> None:  # type: ignor
     out = out or console
     top = ", ".join(f"{i.title} ({i.score:.2f})" for i in rec.items[:5])
     head = (f"[bold]{rec.user_id}[/] v{rec.window_version} [{'green' if rec.path == 'slow' else 'cyan'}]"
-            f"{rec.path.value}[/] {'current' if rec.rationale_current else 'previous'} rationale")
+            f"{rec.path.value}[/] {'current' if rec.rationale_current else 'previous'} rationale, {rec.ranker_version}")
     if rec.path.value == "slow" and rec.rationale:
         out.print(Panel(f"[bold]Top:[/] {top}\n\n{rec.rationale}", title=head, title_align="left",
                         subtitle=rec.rationale_model_version or "", subtitle_align="right"))

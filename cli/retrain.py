@@ -55,10 +55,15 @@ def retrain(
         settings = settings.updated(retrain={"max_steps": max_steps})
     reg = open_registry(registry)
     announce = default_publisher(settings, reg)
+    announce_ranker = default_publisher(settings, reg.rankers())
 
     def publish(**update: object) -> None:
         with quiet_kafka_log():
             announce(**update)
+
+    def publish_ranker(**update: object) -> None:
+        with quiet_kafka_log():
+            announce_ranker(**update)
 
     def say(message: str, style: str = "") -> None:
         import time
@@ -71,9 +76,17 @@ def retrain(
     def cycle(reason: object) -> object:
         return retrain_once(settings, data=data, registry=reg, drift_reason=reason,
                             publish=None if dry_run else publish, dry_run=dry_run,
-                            max_users=max_users, max_events=max_events, progress=say)
+                            max_users=max_users, max_events=max_events, progress=say,
+                            ranker_publish=None if dry_run else publish_ranker)
 
     def show(result) -> None:  # type: ignore[no-untyped-def]
+        if result.ranker is not None:
+            r = result.ranker
+            m = r.get("metrics") or {}
+            figures = (f" NDCG@10 {m['served']['NDCG@10']:.4f} vs serving "
+                       f"{(m.get('current') or {}).get('NDCG@10', float('nan')):.4f} on {m['users']} users;"
+                       if m.get("served") else "")
+            say(f"ranker {r.get('version') or ''} ({r['status']}):{figures} {r['reason']}")
         if result.status == "skipped":
             say(f"skipped: {result.reason}")
             return

@@ -27,6 +27,10 @@ def up(
     port: Annotated[Optional[int], typer.Option(min=1, max=65535, help="broker port (default: a free one)")] = None,
     follow: Annotated[bool, typer.Option(help="keep running after the replay's rationales arrived")] = False,
     wait: Annotated[float, typer.Option(min=1, help="seconds to wait for the last rationales after the replay")] = 900,
+    ranker_minutes: Annotated[float, typer.Option(min=0.1, help="first run: training budget of the ranker trained, "
+                                                                 "cached and promoted when none is (0.1 = 6 s)")] = 5.0,
+    train_ranker: Annotated[bool, typer.Option(help="train a ranker on the first run (off: the text ranker "
+                                                    "serves until one is promoted)")] = True,
 ) -> None:
     """Run everything on this machine: Tansu broker, Qdrant local mode, catalogue, worker, and a replay.
 
@@ -50,6 +54,8 @@ def up(
         asyncio.run(ensure_topics(settings))
         report = index_source(settings, settings.data.dataset)
         console.print(f"catalogue {settings.data.dataset}: {report.total} items ({report.embedded} embedded now)")
+        if train_ranker:
+            _ensure_ranker(settings, ranker_minutes)
         # up replays MovieLens' 2000-2003 interactions: the worker must admit historical timestamps.
         env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
                "SLIMSTREAM_DATA_DIR": str(settings.data.data_dir), "SLIMSTREAM_EVENT_TIME_MODE": "replay"}
@@ -65,6 +71,34 @@ def up(
             stop_process(worker_proc, 20.0)
         broker.stop()
         console.print("stopped: broker and worker are down")
+
+
+def _ensure_ranker(settings: Settings, minutes: float) -> None:
+    """The first run trains the served ranker once (within ``minutes``), judges it through the serving code and
+    promotes it; later runs serve the cached CURRENT version."""
+    from streams.registry import ModelRegistry
+
+    registry = ModelRegistry.rankers_for_settings(settings)
+    current = registry.current()
+    if settings.retrieval.ranker != "registry":
+        console.print("ranker: the text ranker (SLIMSTREAM_RANKER=text)")
+        return
+    if current is None:
+        from retrain.ranker import RankerSpec, train_ranker
+
+        console.print(f"first run: training the served ranker on {settings.data.dataset} (budget {minutes:g} min) ...")
+        spec = RankerSpec(minutes=minutes, checkpoint_dir=str(settings.data.data_dir / "checkpoints"))
+        result = train_ranker(settings, settings.data.dataset, spec, promote=True,
+                              progress=lambda msg: console.print(f"  {msg}", highlight=False))
+        if not result.promoted:
+            console.print(f"ranker {result.version} not promoted ({result.reason}): serving the text ranker")
+            return
+        current = result.version
+    m = registry.get(current)
+    served, pop = m["metrics"]["served"], m["metrics"]["popularity"]
+    console.print(f"ranker {current}: {m.get('name')}, test NDCG@10 {served['NDCG@10']:.4f} / HR@10 "
+                  f"{served['HR@10']:.4f} on {m['metrics']['users']} users (popularity {pop['NDCG@10']:.4f}), "
+                  f"trained {m['training']['seconds']:.0f} s")
 
 
 async def _replay_and_show(settings: Settings, users: int, rate: float, max_events: int, seed: int,

@@ -216,7 +216,8 @@ BASELINE_METHODS = ("random", "popularity", "item-knn", "sasrec", "text-mean")
 BUILTIN_METHODS = (*BASELINE_METHODS, "slim-base", "slim-distilled", "slim-teacher", "sasrec+slim-base",
                    "sasrec+slim-distilled", "sasrec+slim-teacher", "sasrec+text-mean",
                    "slim-id-base", "slim-id-distilled", "slim-id-teacher", "slim-text-base", "slim-text-distilled",
-                   "slim-text-teacher", "slim-text-none", "sasrec-tuned", "served")
+                   "slim-text-teacher", "slim-text-none", "slim-idtext-base", "slim-idtext-distilled",
+                   "slim-idtext-teacher", "slim-idtext-none", "sasrec-tuned", "served")
 DEFAULT_METHODS = BASELINE_METHODS
 
 
@@ -446,7 +447,7 @@ def _evaluate_methods(resolved: Sequence[Method], ctx: EvalContext, split: Any, 
 
 
 def _trained(key: str) -> bool:
-    return key in ("sasrec", "sasrec-tuned", "served") or key.startswith(("slim-id-", "slim-text-"))
+    return key in ("sasrec", "sasrec-tuned", "served") or key.startswith(("slim-id-", "slim-text-", "slim-idtext-"))
 
 
 def beats_baselines(block: dict[str, Any]) -> list[dict[str, Any]]:

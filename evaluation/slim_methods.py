@@ -10,6 +10,8 @@
                            fused and trained end to end; ``sasrec`` is the same model without rationales
 ``slim-text-<g>``          ID-agnostic, trained: items as projected text vectors + the rationale
 ``slim-text-none``         ID-agnostic, trained, no rationale (the ablation)
+``slim-idtext-<g>``        ID-based with item text beside the IDs (items = ID + projected text) + the rationale
+``slim-idtext-none``       the same without rationales (its ablation)
 =========================  ==========================================================================
 
 The trained ones are scored on every user; the sample's users have a rationale (one generation each, from a
@@ -38,7 +40,10 @@ GENERATORS = ("base", "distilled", "teacher")
 SLIM_METHODS = (*(f"slim-{g}" for g in GENERATORS), *(f"sasrec+slim-{g}" for g in GENERATORS), "sasrec+text-mean")
 # Trained SLIM recommenders (models/slim_rec.py), scored on every user: the users of the run's sample have a
 # rationale (one generation each), the others are served through the learned no-rationale vector.
-TRAINED_METHODS = (*(f"slim-id-{g}" for g in GENERATORS), *(f"slim-text-{g}" for g in GENERATORS), "slim-text-none")
+TRAINED_METHODS = (*(f"slim-id-{g}" for g in GENERATORS), *(f"slim-text-{g}" for g in GENERATORS), "slim-text-none",
+                   *(f"slim-idtext-{g}" for g in GENERATORS), "slim-idtext-none")
+_ITEMS = {"id": "id", "text": "text", "idtext": "id+text"}
+_LABELS = {"id": "ID-based", "text": "ID-agnostic", "idtext": "ID + text"}
 
 
 def _item_prompts(ctx: EvalContext) -> list[PromptItem]:
@@ -115,8 +120,8 @@ def rationale_vectors(ctx: EvalContext, generator: str) -> RationaleVectors:
 
 
 def build_trained_method(key: str, ctx: EvalContext) -> Ranker:
-    """``slim-id-<g>`` / ``slim-text-<g>``: the ID-based / ID-agnostic SLIM model trained with generator g's
-    rationales for the sample users; ``slim-text-none``: the ID-agnostic model without rationales."""
+    """``slim-id-<g>`` / ``slim-text-<g>`` / ``slim-idtext-<g>``: the ID-based / ID-agnostic / ID + text SLIM
+    model trained with generator g's rationales for the sample users; ``-none``: the same without rationales."""
     from dataclasses import asdict
 
     from models.sasrec import SASRecConfig
@@ -124,14 +129,13 @@ def build_trained_method(key: str, ctx: EvalContext) -> Ranker:
 
     kind, generator = key.removeprefix("slim-").split("-", 1)
     base = ctx.sasrec_config or SASRecConfig()
-    cfg = SLIMRecConfig(**{**asdict(base), "epochs": ctx.sasrec_epochs, "seed": ctx.seed,
-                           "items": "id" if kind == "id" else "text"})
+    cfg = SLIMRecConfig(**{**asdict(base), "epochs": ctx.sasrec_epochs, "seed": ctx.seed, "items": _ITEMS[kind]})
     rationales = None
     if generator != "none":
         users = ctx.sample if ctx.sample is not None else np.arange(ctx.data.n_users)
         vecs = rationale_vectors(ctx, generator)
         rationales = rationale_inputs(ctx.data, vecs, users, cfg.rationale_tail, source=vecs.generator_id)
-    label = "ID-based" if kind == "id" else "ID-agnostic"
+    label = _LABELS[kind]
     name = f"SLIM {label}, trained, {generator} rationale" if rationales else f"SLIM {label}, trained, no rationale"
     return SLIMRecRanker(cfg, item_text=ctx.item_vectors(), rationales=rationales, name=name,
                          progress=lambda msg, done, total: ctx.progress(f"{name}: {msg}", -1, -1))

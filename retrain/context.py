@@ -55,6 +55,7 @@ class CycleResult(BaseModel):
     published: bool = False
     publish_error: str | None = None
     wall_s: float = 0.0
+    ranker: dict[str, Any] | None = Field(None, description="The cycle's ranker candidate (retrain/ranker_cycle.py).")
 
 
 

@@ -46,11 +46,13 @@ def retrain_once(
     distill_config: DistillConfig | None = None,
     candidate_metrics: Mapping[str, float] | None = None,
     progress: Progress | None = None,
+    ranker_publish: Publish | None = None,
 ) -> CycleResult:
     """Read the events since the last cycle (``data``: a dataset, else the interactions topic), run one cycle
     on them, and store the new offsets once a candidate was built from them (not on a dry run, not when the
     cycle was skipped: those events are read again, with the newer ones, next time). The catalogue is
-    ``data``'s, else ``settings.data.dataset``'s."""
+    ``data``'s, else ``settings.data.dataset``'s. With ``retrain.ranker`` the same events also train a ranker
+    candidate (:func:`retrain.ranker_cycle.retrain_ranker`; ``ranker_publish`` announces its promotion)."""
     from filelock import FileLock, Timeout
 
     registry = registry or ModelRegistry.for_settings(settings)
@@ -67,7 +69,8 @@ def retrain_once(
         return _retrain_locked(settings, registry, data=data, teacher=teacher, encoder=encoder,
                                drift_reason=drift_reason, publish=publish, dry_run=dry_run, max_users=max_users,
                                max_events=max_events, distill_config=distill_config,
-                               candidate_metrics=candidate_metrics, progress=progress)
+                               candidate_metrics=candidate_metrics, progress=progress,
+                               ranker_publish=ranker_publish)
     finally:
         lock.release()
 
@@ -75,7 +78,8 @@ def retrain_once(
 def _retrain_locked(settings: Settings, registry: ModelRegistry, *, data: str | None, teacher: Any, encoder: Any,
                     drift_reason: Any, publish: Publish | None, dry_run: bool, max_users: int | None,
                     max_events: int | None, distill_config: DistillConfig | None,
-                    candidate_metrics: Mapping[str, float] | None, progress: Progress | None) -> CycleResult:
+                    candidate_metrics: Mapping[str, float] | None, progress: Progress | None,
+                    ranker_publish: Publish | None) -> CycleResult:
     state = RetrainState.for_registry(registry)
     cap = max_events or settings.retrain.max_events
     if data is not None:
@@ -89,6 +93,16 @@ def _retrain_locked(settings: Settings, registry: ModelRegistry, *, data: str | 
                        candidate_metrics=candidate_metrics, progress=progress)
     if result.status in ("promoted", "rejected"):
         state.commit(recent, version=result.version, status=result.status)
+    if settings.retrain.ranker:
+        from retrain.ranker_cycle import retrain_ranker
+
+        try:
+            ranker = retrain_ranker(settings, recent.events, {it.item_id: it for it in catalogue},
+                                    registry=registry.rankers(), publish=ranker_publish, dry_run=dry_run,
+                                    progress=progress)
+        except Exception as exc:  # the student's cycle stands whatever happens to the ranker's
+            ranker = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+        result = result.model_copy(update={"ranker": ranker})
     return result
 
 

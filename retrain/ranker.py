@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +24,7 @@ from models import metrics as M
 from models.ranker_artifact import load_ranker, save_ranker
 from models.served_ranker import ServedRanker
 from models.slim_rec import RationaleInputs, SLIMRecConfig, SLIMRecRanker
-from streams.datasets import item_text, load_interactions, load_items
+from streams.datasets import Item, item_text, load_interactions, load_items
 from streams.registry import ModelRegistry
 from streams.settings import Settings
 from streams.splits import LeaveOneOutSplit, leave_one_out, restrict_users
@@ -66,25 +66,27 @@ def split_for(source: str, spec: RankerSpec) -> LeaveOneOutSplit:
     return split
 
 
-def item_text_vectors(settings: Settings, source: str, item_ids: Sequence[str]) -> np.ndarray:
-    """[n + 1, dim] the catalogue's text vectors by index (the worker's item collection holds the same ones)."""
+def item_text_vectors(settings: Settings, catalogue: str | Mapping[str, Item], item_ids: Sequence[str]) -> np.ndarray:
+    """[n + 1, dim] the text vectors of ``item_ids`` (index 0: padding, zero) from ``catalogue`` (a dataset name
+    or items by id; an item it lacks is its id), as the worker's item collection holds them."""
     from models.encoder import load_encoder
 
     encoder = load_encoder(settings)
-    catalogue = {it.item_id: it for it in load_items(source)}
+    if isinstance(catalogue, str):
+        catalogue = {it.item_id: it for it in load_items(catalogue)}
     texts = [item_text(catalogue[i]) if i in catalogue else i for i in item_ids[1:]]
     out = np.zeros((len(item_ids), encoder.dim), dtype=np.float32)
     out[1:] = encoder.encode(texts)
     return out
 
 
-def fit(settings: Settings, source: str, split: LeaveOneOutSplit, spec: RankerSpec,
+def fit(settings: Settings, catalogue: str | Mapping[str, Item], split: LeaveOneOutSplit, spec: RankerSpec,
         rationales: RationaleInputs | None = None, progress: Progress | None = None) -> SLIMRecRanker:
     cfg = SLIMRecConfig(**{**asdict(SLIMRecConfig()), **spec.config, "items": spec.items,
                            "max_len": spec.max_len or settings.worker.window_size, "epochs": spec.epochs,
                            "seed": spec.seed, "patience": spec.patience, "checkpoint_dir": spec.checkpoint_dir,
                            "time_budget_s": None if spec.minutes is None else spec.minutes * 60.0})
-    item_text = item_text_vectors(settings, source, split.item_ids) if spec.items != "id" else None
+    item_text = item_text_vectors(settings, catalogue, split.item_ids) if spec.items != "id" else None
     label = {"id": "ID-based", "text": "ID-agnostic", "id+text": "ID + text"}[spec.items]
     ranker = SLIMRecRanker(cfg, item_text=item_text, rationales=rationales,
                            name=f"SLIM {label} ({'with' if rationales is not None else 'no'} rationale)",
@@ -94,73 +96,102 @@ def fit(settings: Settings, source: str, split: LeaveOneOutSplit, spec: RankerSp
 
 
 def served_metrics(ranker: ServedRanker, split: LeaveOneOutSplit, window_size: int) -> dict[str, Any]:
-    """Test-phase NDCG@10 / HR@10 (full catalogue, history excluded) of the served ranker, its input being
-    the newest ``window_size`` items of each user's history, next to popularity on the same users."""
+    """Test-phase NDCG@10 / HR@10 (full catalogue of the split, history excluded) of a served ranker, its input
+    the newest ``window_size`` items of each user's history (items it does not know skipped, as a worker does)."""
     test = split.phase("test")
     to_ranker = np.asarray([ranker.index.get(i, 0) for i in split.item_ids], dtype=np.int64)
-    excluded = M.history_mask(test.histories, split.n_items + 1)
-    out: dict[str, Any] = {"users": split.n_users, "window_size": window_size}
-    served = np.empty((split.n_users, split.n_items + 1), dtype=np.float32)
+    scores = np.empty((split.n_users, split.n_items + 1), dtype=np.float32)
     for start in range(0, split.n_users, 512):
         windows = [to_ranker[h[-window_size:]] for h in test.histories[start:start + 512]]
-        served[start:start + len(windows)] = ranker.scores([w[w > 0] for w in windows])[:, to_ranker]
+        scores[start:start + len(windows)] = ranker.scores([w[w > 0] for w in windows])[:, to_ranker]
+    scores[:, 0] = -np.inf
+    return _ranked(scores, split)
+
+
+def popularity_metrics(split: LeaveOneOutSplit) -> dict[str, Any]:
     counts = split.training_data().item_counts().astype(np.float32)
-    popular = np.broadcast_to(counts, served.shape)
-    for name, scores in (("served", served), ("popularity", popular)):
-        g, t = M.full_rank_counts(scores, test.targets, excluded)
-        out[name] = {"NDCG@10": round(float(M.ndcg_at_k(g, 10, t).mean()), 5),
-                     "HR@10": round(float(M.hit_at_k(g, 10, t).mean()), 5)}
+    return _ranked(np.broadcast_to(counts, (split.n_users, len(counts))), split)
+
+
+def _ranked(scores: np.ndarray, split: LeaveOneOutSplit) -> dict[str, Any]:
+    test = split.phase("test")
+    g, t = M.full_rank_counts(scores, test.targets, M.history_mask(test.histories, split.n_items + 1))
+    return {"NDCG@10": round(float(M.ndcg_at_k(g, 10, t).mean()), 5),
+            "HR@10": round(float(M.hit_at_k(g, 10, t).mean()), 5)}
+
+
+def judge(settings: Settings, registry: ModelRegistry, candidate: ServedRanker, split: LeaveOneOutSplit
+          ) -> dict[str, Any]:
+    """The candidate, popularity and the serving version, scored on the same users through the serving code."""
+    window = settings.worker.window_size
+    out: dict[str, Any] = {"users": split.n_users, "window_size": window,
+                           "served": served_metrics(candidate, split, window), "popularity": popularity_metrics(split)}
+    current = registry.current()
+    if current is not None:
+        try:
+            out["current"] = {"version": current, **served_metrics(
+                ServedRanker(load_ranker(registry.version_dir(current)), current), split, window)}
+        except Exception as exc:  # an unloadable serving version must not block a good candidate
+            out["current"] = {"version": current, "error": f"{type(exc).__name__}: {exc}"}
     return out
 
 
-def gate(metrics: dict[str, Any], current: dict[str, Any] | None, source: str) -> tuple[bool, str]:
-    """Serve it only if it beats popularity and, when the serving version was judged on the same data, it."""
+def gate(metrics: dict[str, Any], margin: float = 0.0) -> tuple[bool, str]:
+    """Serve it only if it beats popularity and is not worse than the serving version (by more than ``margin``)
+    on the same users."""
     ndcg = metrics["served"]["NDCG@10"]
     pop = metrics["popularity"]["NDCG@10"]
     if not ndcg > pop:
         return False, f"NDCG@10 {ndcg:.4f} does not beat popularity {pop:.4f}"
-    if current is not None and current.get("dataset") == source and current.get("metrics", {}).get("served"):
-        theirs = current["metrics"]["served"]["NDCG@10"]
-        if ndcg < theirs:
-            return False, f"NDCG@10 {ndcg:.4f} is below the serving version's {theirs:.4f} on the same data"
+    current = metrics.get("current") or {}
+    if "NDCG@10" in current:
+        theirs = current["NDCG@10"]
+        if ndcg < theirs - margin:
+            return False, f"NDCG@10 {ndcg:.4f} is below the serving {current['version']}'s {theirs:.4f} on the same users"
+        return True, f"NDCG@10 {ndcg:.4f} vs serving {current['version']} {theirs:.4f} (popularity {pop:.4f})"
     return True, f"NDCG@10 {ndcg:.4f} (popularity {pop:.4f})"
 
 
-def train_ranker(settings: Settings, source: str, spec: RankerSpec, *, promote: bool = False,
-                 publish: bool = True, rationales: RationaleInputs | None = None, version: str | None = None,
-                 progress: Progress | None = None) -> RankerResult:
-    """The whole job; with ``publish=False`` nothing is written to the registry (the metrics are returned)."""
-    say = progress or (lambda msg: log.info("%s", msg))
-    t0 = time.monotonic()
-    say(f"loading {source}")
-    split = split_for(source, spec)
-    say(f"training on {split.n_users} users, {split.n_items} items")
-    ranker = fit(settings, source, split, spec, rationales, say)
-    registry = ModelRegistry.rankers_for_settings(settings)
+def publish_ranker(settings: Settings, registry: ModelRegistry, ranker: SLIMRecRanker, split: LeaveOneOutSplit, *,
+                   dataset: str, extra: dict[str, Any], promote: bool, margin: float = 0.0, publish: bool = True,
+                   version: str | None = None, say: Progress) -> RankerResult:
+    """Save, reload through the serving class, judge against popularity and the serving version, publish, and
+    promote when asked and the gate passes."""
     staging = registry.staging_dir()
     try:
-        manifest = save_ranker(ranker, split.training_data(), staging, dataset=source,
-                               extra={"window_size": settings.worker.window_size,
-                                      "spec": {**asdict(spec), "checkpoint_dir": None}})
+        manifest = save_ranker(ranker, split.training_data(), staging, dataset=dataset,
+                               extra={"window_size": settings.worker.window_size, **extra})
         _write_manifest(staging, manifest)
-        served = ServedRanker(load_ranker(staging))
         say("scoring the test phase through the serving code")
-        manifest["metrics"] = served_metrics(served, split, settings.worker.window_size)
-        manifest["train_job_s"] = round(time.monotonic() - t0, 1)
-        current = registry.current()
-        ok, reason = gate(manifest["metrics"], registry.get(current) if current else None, source)
-        manifest["gate"] = {"passed": ok, "reason": reason, "against": current}
+        manifest["metrics"] = judge(settings, registry, ServedRanker(load_ranker(staging)), split)
+        ok, reason = gate(manifest["metrics"], margin)
+        manifest["gate"] = {"passed": ok, "reason": reason, "margin": margin}
         if not publish:
             return RankerResult(None, False, manifest, reason)
         name = registry.publish(staging, version, manifest)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
-    promoted = False
     if promote and ok:
-        registry.promote(name, reason=f"train-ranker: {reason}")
-        promoted = True
-    return RankerResult(name, promoted, manifest, reason)
+        registry.promote(name, reason=reason)
+    return RankerResult(name, promote and ok, manifest, reason)
+
+
+def train_ranker(settings: Settings, source: str, spec: RankerSpec, *, promote: bool = False,
+                 publish: bool = True, rationales: RationaleInputs | None = None, version: str | None = None,
+                 progress: Progress | None = None) -> RankerResult:
+    """``slimstream train-ranker``: the whole job on a dataset; ``publish=False``: nothing is written."""
+    say = progress or (lambda msg: log.info("%s", msg))
+    t0 = time.monotonic()
+    say(f"loading {source}")
+    split = split_for(source, spec)
+    say(f"training on {split.n_users} users, {split.n_items} items")
+    ranker = fit(settings, source, split, spec, rationales, say)
+    result = publish_ranker(settings, ModelRegistry.rankers_for_settings(settings), ranker, split, dataset=source,
+                            extra={"spec": {**asdict(spec), "checkpoint_dir": None}}, promote=promote,
+                            publish=publish, version=version, say=say)
+    result.manifest["train_job_s"] = round(time.monotonic() - t0, 1)
+    return result
 
 
 def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
@@ -171,5 +202,5 @@ def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     write_text_atomic(path / "manifest.json", json.dumps({**manifest, "version": None}, indent=2) + "\n")
 
 
-__all__ = ["RankerResult", "RankerSpec", "fit", "gate", "item_text_vectors", "served_metrics", "split_for",
-           "train_ranker"]
+__all__ = ["RankerResult", "RankerSpec", "fit", "gate", "item_text_vectors", "judge", "popularity_metrics",
+           "publish_ranker", "served_metrics", "split_for", "train_ranker"]

@@ -91,7 +91,11 @@ class ModelRegistry:
     @classmethod
     def rankers_for_settings(cls, settings: Settings) -> ModelRegistry:
         """The ranker registry: ``<registry>/rankers``."""
-        return cls(default_registry_dir(settings) / RANKERS, artifact="weights.pt", kind="ranker")
+        return cls.for_settings(settings).rankers()
+
+    def rankers(self) -> ModelRegistry:
+        """The ranker registry beside this student registry (``<root>/rankers``)."""
+        return ModelRegistry(self.root / RANKERS, artifact="weights.pt", kind="ranker")
 
     # -- versions ----------------------------------------------------------------------------------------
 

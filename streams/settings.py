@@ -271,6 +271,10 @@ class RetrainSettings(Section):
     teacher_max_tokens: int | None = Field(None, ge=1, description="Tokens per teacher rationale; default teacher.max_tokens.")
     max_events: int = Field(20_000, ge=1, description="Most recent events one cycle reads (older ones are skipped).")
     seed: int = Field(0, description="Seed of the held-out draw, the replay sample and training.")
+    ranker: bool = Field(True, description="Each cycle also trains a ranker candidate on its events (retrain/ranker_cycle.py).")
+    ranker_minutes: float = Field(10.0, gt=0, description="Training budget of a cycle's ranker candidate.")
+    ranker_items: Literal["id", "text", "id+text"] = Field("id", description="The candidate's item representation.")
+    ranker_min_users: int = Field(20, ge=2, description="Users with >= 3 recent events a ranker cycle needs.")
 
 
 class DataSettings(Section):

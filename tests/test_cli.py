@@ -59,15 +59,20 @@ def test_tail_prints_recommendations(broker) -> None:
 
 def _up_env(data_dir: Path, qdrant: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSTREAM_") and k != "KAFKA_BOOTSTRAP_SERVERS"}
-    return {**env, "SLIMSTREAM_DATA_DIR": str(data_dir), "QDRANT_PATH": str(qdrant), "COLUMNS": "120",
+    # The registry beside this module's Qdrant copy: the ranker up trains must not serve other modules' workers.
+    return {**env, "SLIMSTREAM_DATA_DIR": str(data_dir), "QDRANT_PATH": str(qdrant), "COLUMNS": "160",
+            "SLIMSTREAM_REGISTRY_DIR": str(qdrant.parent / "registry"),
             "SLIMSTREAM_STUDENT_MAX_NEW_TOKENS": "48", "SLIMSTREAM_WEB_PORT": str(free_port())}
 
 
 @pytest.mark.slow
 def test_up_runs_the_main_job_and_stops_by_itself(data_dir, indexed_qdrant) -> None:
-    proc = cli("up", "--users", "2", "--max-events", "6", "--rate", "20",
-               env=_up_env(data_dir, indexed_qdrant), timeout=600)
+    proc = cli("up", "--users", "2", "--max-events", "6", "--rate", "20", "--ranker-minutes", "0.1",
+               env=_up_env(data_dir, indexed_qdrant), timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the first run trains the served ranker, judged through the serving code, and every answer names it
+    assert "first run: training the served ranker" in proc.stdout and "ranker v0001:" in proc.stdout
+    assert "ranker+v0001" in proc.stdout
     assert "6 events from 2 users" in proc.stdout
     assert "2/2 users have a rationale for their final window" in proc.stdout
     assert "slow current rationale" in proc.stdout
