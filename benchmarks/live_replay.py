@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--settle", type=float, default=3.0, help="seconds to wait after the replay was applied")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--train-only", action="store_true", help="train (or find) the ranker, then stop")
     p.add_argument("--data-dir", type=Path, default=ROOT / ".slimstream" / "live-replay")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "live_replay.json")
     args = p.parse_args(argv)
@@ -316,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     say(f"cut at {time.strftime('%Y-%m-%d', time.gmtime(world.cut))}: {len(world.train)} training interactions; "
         f"replay {len(world.judged)} users, {len(world.replay_order())} judged events")
     manifest = train_served_ranker(world, args, args.data_dir)
+    if args.train_only:
+        return
     template = index_template(args.data_dir)
     runs = []
     with tempfile.TemporaryDirectory(prefix="live-replay-") as tmp:
