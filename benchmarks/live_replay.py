@@ -10,7 +10,8 @@ ranker) and each ``--rates`` (0: full speed), a fresh Tansu broker and Qdrant co
 3. online judgement: each replayed event is judged against the newest recommendation the worker had sent to
    that user *before the event was published* (HR@10, NDCG@10; no recommendation yet: a miss), and, to tell
    serving lag from model quality, against the recommendation for the window right before it whenever it came
-   ("per window"). Popularity (pre-T counts, the window's items excluded) is judged on the same events.
+   ("per window", over the events whose previous window had its own answer: under a backlog one answer covers
+   several events of a user, ``per_window_coverage`` says how many had one). Popularity (pre-T counts, the window's items excluded) is judged on the same events.
 4. events/s over the replay, freshness (publish -> first recommendation reflecting the event, p50/p99 for the
    fast path and the slow path), student calls per 1,000 events, the rationale backlog's maximum, the share of
    recommendations whose rationale was written for the user's current or previous window.
@@ -189,8 +190,9 @@ def replay(world: World, mode: str, rate: float, args: argparse.Namespace, data_
     with EmbeddedBroker(log_path=work / f"tansu-{tag}.log") as broker:
         asyncio.run(ensure_topics(S.updated(kafka={"bootstrap_servers": broker.bootstrap_servers})))
         port = free_port()
+        (data_dir / "logs").mkdir(exist_ok=True)
         proc = _worker(broker.bootstrap_servers, data_dir, qdrant, data_dir / "registry", mode, port,
-                       work / f"worker-{tag}.log", args)
+                       data_dir / "logs" / f"worker-{tag}.log", args)
         base = f"http://127.0.0.1:{port}"
         try:
             _wait(f"{base}/healthz/", lambda h: h["models_ready"] and h["assigned_partitions"] > 0, 300, proc)
@@ -226,6 +228,8 @@ def judge(world: World, run: dict[str, Any]) -> dict[str, Any]:
     for r in run["recs"]:
         by_user[r.user_id].append(r)
     served, per_window, pop, fresh_fast, fresh_slow, labels = [], [], [], [], [], Counter()
+    covered = 0  # events whose previous window got its own recommendation (batches coalesce versions)
+    pop_covered: list[tuple[float, float] | None] = []  # popularity on those same events
     for i, sent_at in zip(events, run["sent"]):
         u = i.user_id
         v = version[u] + 1
@@ -237,14 +241,20 @@ def judge(world: World, run: dict[str, Any]) -> dict[str, Any]:
             labels[last.ranker_version] += 1
         prev = [r for r in by_user[u] if r.window_version == v - 1]
         per_window.append(_gain([x.item_id for x in prev[-1].items] if prev else [], i.item_id))
+        covered += bool(prev)
         pop.append(_gain([x for x in world.popular if x not in seen][:K], i.item_id))
+        if prev:
+            pop_covered.append(pop[-1])
         for path, out in (("fast", fresh_fast), ("slow", fresh_slow)):
             first = [r.produced_at for r in by_user[u] if r.window_version >= v and r.path.value == path]
             if first:
                 out.append(min(first) - sent_at)
         version[u] = v
         windows[u] = [x for x in windows[u] if x != i.item_id][-(S.worker.window_size - 1):] + [i.item_id]
-    return {"served": _mean(served), "per_window": _mean(per_window), "popularity": _mean(pop),
+    judged_pw = [g for g in per_window if g is not None]
+    return {"served": _mean(served), "per_window": _mean(judged_pw), "popularity": _mean(pop),
+            "per_window_coverage": round(covered / max(len(events), 1), 4),
+            "popularity_per_window": _mean(pop_covered),
             "no_recommendation_yet": round(sum(1 for g in served if g is None) / max(len(served), 1), 4),
             "served_by": dict(labels),
             "freshness_fast_ms": _pct(fresh_fast), "freshness_slow_ms": _pct(fresh_slow)}

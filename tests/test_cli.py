@@ -81,7 +81,7 @@ def test_up_runs_the_main_job_and_stops_by_itself(data_dir, indexed_qdrant) -> N
 
 @pytest.mark.slow
 def test_up_ctrl_c_leaves_no_process_behind(data_dir, indexed_qdrant) -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "cli", "up", "--users", "2", "--rate", "1"],
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "up", "--users", "2", "--rate", "1", "--no-train-ranker"],
                             cwd=ROOT, env=_up_env(data_dir, indexed_qdrant), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
