@@ -124,51 +124,55 @@ def _announce(reg, action: str, reason: str) -> None:  # type: ignore[no-untyped
                   f"{update.model_version}")
 
 
-@models_cli.command("promote")
-def models_promote(
-    version: Annotated[str, typer.Argument(help="registry version")],
-    registry: Annotated[Optional[Path], typer.Option(help="model registry directory")] = None,
-    no_publish: Annotated[bool, typer.Option("--no-publish", help=NO_PUBLISH_HELP)] = False,
-    reason: Annotated[str, typer.Option(help="recorded in the history and the update")] = "cli",
-) -> None:
-    """Make VERSION the registry's CURRENT one and tell the running workers to hot-swap to it."""
-    reg = open_registry(registry)
-    try:
-        reg.promote(version, reason=reason)
-    except (KeyError, ValueError) as exc:
-        fail(str(exc).strip("'\""), 2)
-    console.print(f"CURRENT: {version}")
-    if not no_publish:
-        _announce(reg, "promote", reason)
+def add_switch_commands(group: typer.Typer, open_fn, *, label: str, none: str) -> None:  # type: ignore[no-untyped-def]
+    """``promote`` / ``rollback`` / ``publish`` on ``group`` for the registry ``open_fn(path)`` opens (the
+    students' here, the rankers' in :mod:`cli.rankers`); ``label`` names CURRENT in the output, ``none`` what
+    serves when nothing is promoted."""
+
+    @group.command("promote")
+    def promote(
+        version: Annotated[str, typer.Argument(help="registry version")],
+        registry: Annotated[Optional[Path], typer.Option(help="registry directory")] = None,
+        no_publish: Annotated[bool, typer.Option("--no-publish", help=NO_PUBLISH_HELP)] = False,
+        reason: Annotated[str, typer.Option(help="recorded in the history and the update")] = "cli",
+    ) -> None:
+        """Make VERSION the registry's CURRENT one and tell the running workers to hot-swap to it."""
+        reg = open_fn(registry)
+        try:
+            reg.promote(version, reason=reason)
+        except (KeyError, ValueError) as exc:
+            fail(str(exc).strip("'\""), 2)
+        console.print(f"{label}: {version}")
+        if not no_publish:
+            _announce(reg, "promote", reason)
+
+    @group.command("rollback")
+    def rollback(
+        registry: Annotated[Optional[Path], typer.Option(help="registry directory")] = None,
+        no_publish: Annotated[bool, typer.Option("--no-publish", help=NO_PUBLISH_HELP)] = False,
+        reason: Annotated[str, typer.Option(help="recorded in the history and the update")] = "cli",
+    ) -> None:
+        """Make CURRENT the version that was current before the last promote; workers swap."""
+        reg = open_fn(registry)
+        try:
+            version = reg.rollback(reason=reason)
+        except LookupError as exc:
+            fail(str(exc).strip("'\""), 2)
+        console.print(f"{label}: {version or none}")
+        if not no_publish:
+            _announce(reg, "rollback", reason)
+
+    @group.command("publish")
+    def publish(
+        registry: Annotated[Optional[Path], typer.Option(help="registry directory")] = None,
+        reason: Annotated[str, typer.Option(help="sent with the update")] = "republish",
+    ) -> None:
+        """Announce the registry's CURRENT to the running workers again (after --no-publish or a failed publish)."""
+        reg = open_fn(registry)
+        history = reg.history()
+        action = "rollback" if history and history[-1].get("action") == "rollback" else "promote"
+        console.print(f"{label}: {reg.current() or none}")
+        _announce(reg, action, reason)
 
 
-@models_cli.command("rollback")
-def models_rollback(
-    registry: Annotated[Optional[Path], typer.Option(help="model registry directory")] = None,
-    no_publish: Annotated[bool, typer.Option("--no-publish", help=NO_PUBLISH_HELP)] = False,
-    reason: Annotated[str, typer.Option(help="recorded in the history and the update")] = "cli",
-) -> None:
-    """Make CURRENT the version that was current before the last promote (or the base model); workers swap."""
-    reg = open_registry(registry)
-    try:
-        version = reg.rollback(reason=reason)
-    except LookupError as exc:
-        fail(str(exc).strip("'\""), 2)
-    console.print(f"CURRENT: {version or 'none (the base model)'}")
-    if not no_publish:
-        _announce(reg, "rollback", reason)
-
-
-@models_cli.command("publish")
-def models_publish(
-    registry: Annotated[Optional[Path], typer.Option(help="model registry directory")] = None,
-    reason: Annotated[str, typer.Option(help="sent with the update")] = "republish",
-) -> None:
-    """Announce the registry's CURRENT to the running workers again (after --no-publish or a failed publish)."""
-    reg = open_registry(registry)
-    history = reg.history()
-    action = "rollback" if history and history[-1].get("action") == "rollback" else "promote"
-    console.print(f"CURRENT: {reg.current() or 'none (the base model)'}")
-    _announce(reg, action, reason)
-
-
+add_switch_commands(models_cli, open_registry, label="CURRENT", none="none (the base model)")

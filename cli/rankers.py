@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from cli.base import NO_PUBLISH_HELP, cli, console, fail, load_settings
-from cli.models import _announce
+from cli.models import _announce, add_switch_commands
 
 ITEMS_HELP = "id: SASRec item IDs (SLIM ID-based); text: projected item text (ID-agnostic); id+text: both"
 
@@ -86,49 +86,4 @@ def rankers_list(registry: Annotated[Optional[Path], typer.Option(help="ranker r
         console.print("(no CURRENT ranker: workers serve the text ranker)")
 
 
-@rankers_cli.command("promote")
-def rankers_promote(
-    version: Annotated[str, typer.Argument(help="ranker version")],
-    registry: Annotated[Optional[Path], typer.Option(help="ranker registry directory")] = None,
-    no_publish: Annotated[bool, typer.Option("--no-publish", help=NO_PUBLISH_HELP)] = False,
-    reason: Annotated[str, typer.Option(help="recorded in the history and the update")] = "cli",
-) -> None:
-    """Make VERSION the CURRENT ranker and tell the running workers to hot-swap to it."""
-    reg = open_rankers(registry)
-    try:
-        reg.promote(version, reason=reason)
-    except (KeyError, ValueError) as exc:
-        fail(str(exc).strip("'\""), 2)
-    console.print(f"CURRENT ranker: {version}")
-    if not no_publish:
-        _announce(reg, "promote", reason)
-
-
-@rankers_cli.command("rollback")
-def rankers_rollback(
-    registry: Annotated[Optional[Path], typer.Option(help="ranker registry directory")] = None,
-    no_publish: Annotated[bool, typer.Option("--no-publish", help=NO_PUBLISH_HELP)] = False,
-    reason: Annotated[str, typer.Option(help="recorded in the history and the update")] = "cli",
-) -> None:
-    """Serve the ranker that was CURRENT before the last promote (or the text ranker); workers swap."""
-    reg = open_rankers(registry)
-    try:
-        version = reg.rollback(reason=reason)
-    except LookupError as exc:
-        fail(str(exc).strip("'\""), 2)
-    console.print(f"CURRENT ranker: {version or 'none (the text ranker)'}")
-    if not no_publish:
-        _announce(reg, "rollback", reason)
-
-
-@rankers_cli.command("publish")
-def rankers_publish(
-    registry: Annotated[Optional[Path], typer.Option(help="ranker registry directory")] = None,
-    reason: Annotated[str, typer.Option(help="sent with the update")] = "republish",
-) -> None:
-    """Announce the CURRENT ranker to the running workers again."""
-    reg = open_rankers(registry)
-    history = reg.history()
-    action = "rollback" if history and history[-1].get("action") == "rollback" else "promote"
-    console.print(f"CURRENT ranker: {reg.current() or 'none (the text ranker)'}")
-    _announce(reg, action, reason)
+add_switch_commands(rankers_cli, open_rankers, label="CURRENT ranker", none="none (the text ranker)")
