@@ -37,6 +37,8 @@ def train_ranker(
     patience: Annotated[int, typer.Option(min=1, help="validation checks without improvement before stopping")] = 5,
     max_len: Annotated[Optional[int], typer.Option(min=2, help="history the model reads (default: SLIMSTREAM_WINDOW_SIZE, what a worker holds)")] = None,
     limit_users: Annotated[Optional[int], typer.Option(min=10, help="a seeded slice of the users (quick runs)")] = None,
+    rationale_users: Annotated[int, typer.Option(min=0, help="seeded users whose training prefix gets a base-student "
+                                                              "rationale as the model's input (0: no rationale input)")] = 0,
     seed: Annotated[int, typer.Option()] = 0,
     version: Annotated[Optional[str], typer.Option(help="name of the new version (default: the next v<NNNN>)")] = None,
     promote: Annotated[bool, typer.Option("--promote", help="make it CURRENT if it passes the gate and tell the workers")] = False,
@@ -52,7 +54,7 @@ def train_ranker(
     settings = load_settings()
     source = data or settings.data.dataset
     spec = RankerSpec(items=items, max_len=max_len, epochs=epochs, minutes=minutes, patience=patience, seed=seed,  # type: ignore[arg-type]
-                      limit_users=limit_users,
+                      limit_users=limit_users, rationale_users=rationale_users,
                       checkpoint_dir=str(checkpoints or settings.data.data_dir / "checkpoints"))
     try:
         result = run(settings, source, spec, promote=promote, version=version,

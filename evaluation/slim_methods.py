@@ -25,7 +25,7 @@ student are compared on the same backend and decoding.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -48,37 +48,25 @@ _LABELS = {"id": "ID-based", "text": "ID-agnostic", "idtext": "ID + text"}
 
 def _item_prompts(ctx: EvalContext) -> list[PromptItem]:
     """The prompt entry of every item index (index 0, padding, is never shown)."""
-    from models.prompts import prompt_items
+    from models.rationale_source import item_prompts
 
-    ids = ctx.data.item_ids
-    return [PromptItem(title="", year=None, genres=())] + prompt_items(range(1, len(ids)), ids, ctx.items())
+    return item_prompts(ctx.data.item_ids, ctx.items())
 
 
 def _student_generator(ctx: EvalContext, distilled: bool) -> tuple[Generate, str, str]:
-    from models.student_factory import load_student
+    from models.rationale_source import student_generator
 
-    settings = ctx.settings
-    kwargs: dict[str, Any] = {}
+    adapter = None
     if distilled:
         adapter = ctx.adapter_dir
         if adapter is None:
             from streams.registry import ModelRegistry
 
-            adapter = ModelRegistry.for_settings(settings).current_adapter_dir()
+            adapter = ModelRegistry.for_settings(ctx.settings).current_adapter_dir()
             if adapter is None:
                 raise ValueError("slim-distilled needs --adapter or a promoted model in the registry")
-        kwargs["adapter_dir"] = adapter
-    if settings.student.backend == "llamacpp" and not distilled:
-        kwargs["requantize"] = True  # the same export and quantization as the distilled student
-    student = load_student(settings, **kwargs)
-    gen_id = (f"student-{settings.student.backend}-{student.model_version}-"
-              f"{settings.student.max_new_tokens}t")
-    if distilled:  # the adapter's content, not only its name, identifies the generator
-        from models.student_base import adapter_digest
-
-        gen_id += "-" + adapter_digest(kwargs["adapter_dir"])[:10]
-    label = f"SLIM ID-agnostic, {'distilled' if distilled else 'base'} student ({student.model_version})"
-    return student.generate, gen_id, label
+    generate, gen_id, label = student_generator(ctx.settings, adapter)
+    return generate, gen_id, f"SLIM ID-agnostic, {label}"
 
 
 def _teacher_generator(ctx: EvalContext) -> tuple[Generate, str, str]:

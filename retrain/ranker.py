@@ -44,6 +44,9 @@ class RankerSpec:
     patience: int = 5
     seed: int = 0
     limit_users: int | None = None  # a seeded slice of the users (quick runs, tests)
+    # Users (seeded) whose training prefix gets a base-student rationale as the model's input; 0: none (every
+    # user on the learned no-rationale vector, and the model ignores rationales when served).
+    rationale_users: int = 0
     checkpoint_dir: str | None = None
     config: dict[str, Any] = field(default_factory=dict)  # other SLIMRecConfig fields (dim, lr, ...)
 
@@ -87,12 +90,33 @@ def fit(settings: Settings, catalogue: str | Mapping[str, Item], split: LeaveOne
                            "seed": spec.seed, "patience": spec.patience, "checkpoint_dir": spec.checkpoint_dir,
                            "time_budget_s": None if spec.minutes is None else spec.minutes * 60.0})
     item_text = item_text_vectors(settings, catalogue, split.item_ids) if spec.items != "id" else None
+    if rationales is None and spec.rationale_users > 0:
+        rationales = student_rationales(settings, catalogue, split, spec.rationale_users, cfg.rationale_tail,
+                                        spec.seed, progress)
     label = {"id": "ID-based", "text": "ID-agnostic", "id+text": "ID + text"}[spec.items]
     ranker = SLIMRecRanker(cfg, item_text=item_text, rationales=rationales,
                            name=f"SLIM {label} ({'with' if rationales is not None else 'no'} rationale)",
                            progress=(lambda msg, done, total: progress(msg)) if progress else None)
     ranker.fit(split.training_data())
     return ranker
+
+
+def student_rationales(settings: Settings, catalogue: str | Mapping[str, Item], split: LeaveOneOutSplit, n: int,
+                       tail: int, seed: int, progress: Progress | None = None) -> RationaleInputs:
+    """Base-student rationales for ``n`` seeded users' training prefixes (all but their last ``tail`` training
+    items: the rationale is the input of the predictions after it only), cached like the harness's."""
+    from models.encoder import load_encoder
+    from models.rationale_source import student_rationale_vectors
+    from models.slim_rec import rationale_inputs
+    from streams.splits import sample_user_indices
+
+    if isinstance(catalogue, str):
+        catalogue = {it.item_id: it for it in load_items(catalogue)}
+    vecs = student_rationale_vectors(settings, split.item_ids, catalogue, load_encoder(settings), progress=progress)
+    users = sample_user_indices(split.n_users, min(n, split.n_users), seed)
+    if progress:
+        progress(f"rationales for {len(users)} users from {vecs.generator_id} (cached under the data dir)")
+    return rationale_inputs(split.training_data(), vecs, users, tail, source=vecs.generator_id)
 
 
 def served_metrics(ranker: ServedRanker, split: LeaveOneOutSplit, window_size: int) -> dict[str, Any]:
@@ -203,4 +227,4 @@ def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
 
 
 __all__ = ["RankerResult", "RankerSpec", "fit", "gate", "item_text_vectors", "judge", "popularity_metrics",
-           "publish_ranker", "served_metrics", "split_for", "train_ranker"]
+           "publish_ranker", "served_metrics", "split_for", "student_rationales", "train_ranker"]

@@ -88,3 +88,27 @@ def test_train_ranker_cli_publishes_a_gated_version_and_bad_arguments_exit_2(tmp
     rolled = cli("rankers", "rollback", "--no-publish")
     assert rolled.returncode == 0 and "the text ranker" in rolled.stdout
     assert ModelRegistry.rankers_for_settings(Settings.from_env(data={"data_dir": tmp_path})).current() is None
+
+
+def test_train_ranker_with_student_rationales_serves_a_rationale_aware_model(data_dir: Path, tmp_path: Path) -> None:
+    """``rationale_users``: the base student writes rationales for a seeded few users' training prefixes; the
+    served version then reads a user's rationale vector (and the null vector without one)."""
+    import numpy as np
+
+    from models.ranker_artifact import load_ranker
+    from models.served_ranker import ServedRanker
+    from retrain.ranker import RankerSpec, train_ranker
+
+    settings = Settings.from_env(data={"data_dir": data_dir, "registry_dir": tmp_path / "registry"},
+                                 student={"max_new_tokens": 16, "threads": 1})
+    result = train_ranker(settings, "ml-100k", RankerSpec(minutes=0.05, limit_users=40, rationale_users=3))
+    r = result.manifest["rationale"]
+    assert r["asked"] == 3 and r["with_rationale"] + r["empty"] == 3 and r["source"].startswith("student-")
+    assert (data_dir / "eval-rationales" / f"{r['source']}.jsonl").is_file()  # the harness's cache
+    served = ServedRanker(load_ranker(ModelRegistry.rankers_for_settings(settings).version_dir(result.version)))
+    assert served.rationale_dim == 384
+    window = served.item_ids[1:11]
+    vec = np.random.default_rng(0).normal(size=384).astype(np.float32)
+    with_r = served.scores([served.indices(window)], [vec / np.linalg.norm(vec)])
+    without = served.scores([served.indices(window)], [None])
+    assert not np.allclose(with_r[:, 1:], without[:, 1:])
