@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 InStore = Callable[..., Awaitable[Any]]
+SwapResult = Literal["swapped", "noop", "failed"]  # of a ranker's hot swap, and of the student's (agents/runtime.py)
 
 
 class Served:
@@ -113,7 +114,7 @@ class RankerSlot:
             self.metrics["ranker_load_failures"] += 1
             log.exception("could not load ranker %s: serving the text ranker", version)
 
-    async def swap(self, version: str | None, store: VectorStore, *, reason: str = "") -> str:
+    async def swap(self, version: str | None, store: VectorStore, *, reason: str = "") -> SwapResult:
         """Serve ``version`` (None: the text ranker) from now on; idempotent, serialised, old one on failure."""
         async with self._lock:
             if version == self.version:
@@ -169,6 +170,4 @@ class RankerSlot:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-RankerSwap = Literal["swapped", "noop", "failed"]
-
-__all__ = ["RankerSlot", "RankerSwap", "Served"]
+__all__ = ["RankerSlot", "Served", "SwapResult"]

@@ -27,12 +27,12 @@ import time
 from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from agents.backlog import RationaleBacklog
-from agents.ranker_slot import RankerSlot
+from agents.ranker_slot import RankerSlot, SwapResult
 from streams.drift import DriftMonitor, StaleShare
 from streams.drift_reference import DriftReference, read_drift_reference
 from streams.registry import ModelRegistry
@@ -49,9 +49,6 @@ T = TypeVar("T")
 
 GENRE_CACHE_SIZE = 100_000  # item -> genres, for the drift monitor's genre mix (least recently used dropped)
 LATENCY_SAMPLES = 2_000  # recent timings kept per measured step, for /metrics/ percentiles
-
-SwapResult = Literal["swapped", "noop", "failed"]
-
 
 class DeadlineExceeded(TimeoutError):
     pass
@@ -146,7 +143,7 @@ class Runtime:
         """Serve ranker ``version`` (None: the text ranker) from now on (:meth:`RankerSlot.swap`)."""
         await self.store_ready.wait()
         assert self.store is not None
-        return await self.rankers.swap(version, self.store, reason=reason)  # type: ignore[return-value]
+        return await self.rankers.swap(version, self.store, reason=reason)
 
     async def swap_student(self, version: str | None, *, reason: str = "") -> SwapResult:
         """Serve registry ``version`` (``None``: the base student) from now on, without blocking the loop.

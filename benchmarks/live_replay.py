@@ -142,12 +142,6 @@ async def _publish_timed(bootstrap: str, events: list[Any], rate: float) -> list
     return sent
 
 
-async def _read_all(bootstrap: str, topic: str, done, timeout: float) -> list[Any]:  # type: ignore[no-untyped-def]
-    from tests.kafka_io import read_until
-
-    return await read_until(bootstrap, topic, done, timeout)
-
-
 def _worker(bootstrap: str, data_dir: Path, qdrant: Path, registry: Path, mode: str, port: int,
             log_path: Path, args: argparse.Namespace) -> subprocess.Popen[bytes]:
     import os
@@ -181,6 +175,7 @@ def replay(world: World, mode: str, rate: float, args: argparse.Namespace, data_
     """One serving mode at one rate on a fresh broker and Qdrant: the recommendations and the worker's figures."""
     from streams.events import Recommendation
     from streams.topics import ensure_topics
+    from tests.kafka_io import read_until
 
     tag = f"{mode}-{int(rate)}"
     qdrant = work / f"qdrant-{tag}"
@@ -203,20 +198,19 @@ def replay(world: World, mode: str, rate: float, args: argparse.Namespace, data_
                 f"{'full speed' if not rate else f'{rate:g}/s'}")
             t0 = time.time()
             sent = asyncio.run(_publish_timed(broker.bootstrap_servers, events, rate))
-            final = _wait(f"{base}/metrics/", lambda m: m.get("events_applied", 0) >= len(warm) + len(events),
-                          600, proc)
+            total = len(warm) + len(events)
+            final = _wait(f"{base}/metrics/", lambda m: m.get("events_applied", 0) >= total, 600, proc)
             drained = time.time()
             time.sleep(args.settle)  # the last fast-path batch and a few rationales
             after = http_json(f"{base}/metrics/") or final
-            total = len(warm) + len(events)
-            records = asyncio.run(_read_all(broker.bootstrap_servers, S.kafka.topic_recommendations,
-                                            lambda rs: len(rs) >= after.get("recommendations_fast", 0)
-                                            + after.get("recommendations_slow", 0), 60))
+            records = asyncio.run(read_until(broker.bootstrap_servers, S.kafka.topic_recommendations,
+                                             lambda rs: len(rs) >= after.get("recommendations_fast", 0)
+                                             + after.get("recommendations_slow", 0), 60))
         finally:
             stop_process(proc, 30.0)
     recs = [Recommendation.model_validate_json(r.value) for r in records]
     return {"mode": mode, "rate": rate, "events": len(events), "warmup_events": len(warm), "sent": sent,
-            "t0": t0, "drained": drained, "recs": recs, "before": before, "after": after, "total": total}
+            "t0": t0, "drained": drained, "recs": recs, "before": before, "after": after}
 
 
 def judge(world: World, run: dict[str, Any]) -> dict[str, Any]:
@@ -282,7 +276,7 @@ def _pct(values: list[float]) -> dict[str, float | int]:
             "max": round(float(a.max()), 1)}
 
 
-def figures(world: World, run: dict[str, Any]) -> dict[str, Any]:
+def figures(run: dict[str, Any]) -> dict[str, Any]:
     """Throughput, student calls, backlog and rationale currency of one run."""
     before, after = run["before"], run["after"]
     events = run["events"]
@@ -335,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         for rate in [float(r) for r in args.rates.split(",")]:
             for mode in args.modes.split(","):
                 run = replay(world, mode, rate, args, args.data_dir, template, Path(tmp))
-                row = {"mode": mode, "rate": rate, **judge(world, run), **figures(world, run)}
+                row = {"mode": mode, "rate": rate, **judge(world, run), **figures(run)}
                 runs.append(row)
                 say(f"[{mode} @ {rate:g}/s] online HR@10 {row['served']['HR@10']:.4f} (per window "
                     f"{row['per_window']['HR@10']:.4f}, popularity {row['popularity']['HR@10']:.4f}); "

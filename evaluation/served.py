@@ -27,27 +27,18 @@ class ServedRankerMethod:
         self.ranker = ServedRanker(load_ranker(self.path), version=version)
         self.window_size = window_size
         self.name = f"served ranker {version or self.path.name} ({self.ranker.artifact.manifest.get('name')})"
-        self._to_ranker: np.ndarray | None = None
-        self._from_ranker: np.ndarray | None = None
+        self._columns: np.ndarray | None = None
         self.unknown_items = 0
 
     def fit(self, data: TrainingData) -> None:
         """Align the dataset's item indices with the ranker's (the same ids, possibly another order)."""
-        index = self.ranker.index
-        to_ranker = np.asarray([index.get(i, 0) for i in data.item_ids], dtype=np.int64)
-        to_ranker[0] = 0
-        self.unknown_items = int((to_ranker[1:] == 0).sum())
-        self._to_ranker = to_ranker
+        self._columns = self.ranker.columns(data.item_ids)
+        self.unknown_items = int((self._columns[1:] == 0).sum())
 
     def score(self, users: np.ndarray, histories: Sequence[np.ndarray]) -> np.ndarray:
-        if self._to_ranker is None:
+        if self._columns is None:
             raise RuntimeError("ServedRankerMethod.score called before fit")
-        windows = [self._to_ranker[np.asarray(h, dtype=np.int64)[-self.window_size:]] for h in histories]
-        windows = [w[w > 0] for w in windows]  # items the ranker does not know, as a worker skips them
-        s = self.ranker.scores(windows)
-        out = s[:, self._to_ranker]  # back to the dataset's columns; unknown items take the padding's -inf
-        out[:, 0] = -np.inf
-        return out
+        return self.ranker.scores_in(self._columns, histories, self.window_size)
 
     def summary(self) -> dict[str, Any]:
         m = self.ranker.artifact.manifest

@@ -90,7 +90,7 @@ def _teacher_generator(ctx: EvalContext) -> tuple[Generate, str, str]:
 def rationale_vectors(ctx: EvalContext, generator: str) -> RationaleVectors:
     """One shared :class:`RationaleVectors` per generator and run (the ID-agnostic and the fused method
     reuse its rationales)."""
-    from models.fusion import RationaleVectors
+    from models.rationale_source import rationale_vectors as cached_rationale_vectors
 
     def build() -> RationaleVectors:
         if generator == "teacher":
@@ -99,10 +99,9 @@ def rationale_vectors(ctx: EvalContext, generator: str) -> RationaleVectors:
             gen, gen_id, label = _student_generator(ctx, distilled=generator == "distilled")
         if ctx.encoder is None:
             ctx.item_vectors()  # loads the encoder
-        return RationaleVectors(gen, ctx.encoder, _item_prompts(ctx), max_items=ctx.settings.student.prompt_max_items,
-                                name=label, generator_id=gen_id,
-                                cache_dir=ctx.settings.data.data_dir / "eval-rationales",
-                                progress=lambda msg: ctx.progress(msg, -1, -1))
+        assert ctx.encoder is not None
+        return cached_rationale_vectors(ctx.settings, gen, gen_id, label, _item_prompts(ctx), ctx.encoder,
+                                        progress=lambda msg: ctx.progress(msg, -1, -1))
 
     return ctx.shared(f"rationales:{generator}", build)
 

@@ -46,17 +46,25 @@ def student_generator(settings: Settings, adapter_dir: Path | None = None) -> tu
     return student.generate, gen_id, label
 
 
-def student_rationale_vectors(settings: Settings, item_ids: Sequence[str], catalogue: Mapping[str, Item],
-                              encoder: TextEncoder, *, adapter_dir: Path | None = None,
-                              progress: Callable[[str], None] | None = None) -> RationaleVectors:
-    """A :class:`~models.fusion.RationaleVectors` over the student's rationales, cached under the data dir."""
+def rationale_vectors(settings: Settings, generate: Generate, generator_id: str, name: str,
+                      item_prompt: Sequence[PromptItem], encoder: TextEncoder,
+                      progress: Callable[[str], None] | None = None) -> RationaleVectors:
+    """A :class:`~models.fusion.RationaleVectors` over ``generate``'s rationales with the stream's prompt window,
+    cached under ``<data_dir>/eval-rationales/<generator_id>.jsonl``."""
     from models.fusion import RationaleVectors
 
-    generate, gen_id, label = student_generator(settings, adapter_dir)
-    return RationaleVectors(generate, encoder, item_prompts(item_ids, catalogue),
-                            max_items=settings.student.prompt_max_items, name=f"SLIM ID-agnostic, {label}",
-                            generator_id=gen_id, cache_dir=settings.data.data_dir / "eval-rationales",
+    return RationaleVectors(generate, encoder, item_prompt, max_items=settings.student.prompt_max_items, name=name,
+                            generator_id=generator_id, cache_dir=settings.data.data_dir / "eval-rationales",
                             progress=progress)
 
 
-__all__ = ["item_prompts", "student_generator", "student_rationale_vectors"]
+def student_rationale_vectors(settings: Settings, item_ids: Sequence[str], catalogue: Mapping[str, Item],
+                              encoder: TextEncoder, *, adapter_dir: Path | None = None,
+                              progress: Callable[[str], None] | None = None) -> RationaleVectors:
+    """:func:`rationale_vectors` of the base student (or the distilled one at ``adapter_dir``)."""
+    generate, gen_id, label = student_generator(settings, adapter_dir)
+    return rationale_vectors(settings, generate, gen_id, f"SLIM ID-agnostic, {label}", item_prompts(item_ids, catalogue),
+                             encoder, progress)
+
+
+__all__ = ["item_prompts", "rationale_vectors", "student_generator", "student_rationale_vectors"]

@@ -110,6 +110,22 @@ class ServedRanker:
         s[:, 0] = -np.inf
         return s
 
+    def columns(self, item_ids: Sequence[str]) -> np.ndarray:
+        """Per index of another item list (``item_ids[0]``: padding): this ranker's index of the item, 0 for one
+        it does not know."""
+        out = np.asarray([self.index.get(i, 0) for i in item_ids], dtype=np.int64)
+        out[0] = 0
+        return out
+
+    def scores_in(self, columns: np.ndarray, histories: Sequence[np.ndarray], window_size: int) -> np.ndarray:
+        """:meth:`scores` of histories given as indices of another item list (``columns``: :meth:`columns` of
+        it), read as a worker reads a window: the newest ``window_size`` items, the unknown ones skipped. The
+        answer is in that list's columns; unknown items and padding score -inf."""
+        windows = [columns[np.asarray(h, dtype=np.int64)[-window_size:]] for h in histories]
+        out = self.scores([w[w > 0] for w in windows])[:, columns]  # column 0 is the padding's -inf
+        out[:, 0] = -np.inf
+        return out
+
     def recommend(self, windows: Sequence[Sequence[str]], k: int,
                   rationales: Sequence[np.ndarray | None] | None = None,
                   exclude: Sequence[Collection[str]] | None = None) -> list[list[ServedItem] | None]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,13 +121,11 @@ def student_rationales(settings: Settings, catalogue: str | Mapping[str, Item], 
 def served_metrics(ranker: ServedRanker, split: LeaveOneOutSplit, window_size: int) -> dict[str, Any]:
     """Test-phase NDCG@10 / HR@10 (full catalogue of the split, history excluded) of a served ranker, its input
     the newest ``window_size`` items of each user's history (items it does not know skipped, as a worker does)."""
-    test = split.phase("test")
-    to_ranker = np.asarray([ranker.index.get(i, 0) for i in split.item_ids], dtype=np.int64)
+    columns = ranker.columns(split.item_ids)
+    histories = split.phase("test").histories
     scores = np.empty((split.n_users, split.n_items + 1), dtype=np.float32)
     for start in range(0, split.n_users, 512):
-        windows = [to_ranker[h[-window_size:]] for h in test.histories[start:start + 512]]
-        scores[start:start + len(windows)] = ranker.scores([w[w > 0] for w in windows])[:, to_ranker]
-    scores[:, 0] = -np.inf
+        scores[start:start + 512] = ranker.scores_in(columns, histories[start:start + 512], window_size)
     return _ranked(scores, split)
 
 
@@ -206,16 +203,13 @@ def train_ranker(settings: Settings, source: str, spec: RankerSpec, *, promote: 
                  progress: Progress | None = None) -> RankerResult:
     """``slimstream train-ranker``: the whole job on a dataset; ``publish=False``: nothing is written."""
     say = progress or (lambda msg: log.info("%s", msg))
-    t0 = time.monotonic()
     say(f"loading {source}")
     split = split_for(source, spec)
     say(f"training on {split.n_users} users, {split.n_items} items")
     ranker = fit(settings, source, split, spec, rationales, say)
-    result = publish_ranker(settings, ModelRegistry.rankers_for_settings(settings), ranker, split, dataset=source,
-                            extra={"spec": {**asdict(spec), "checkpoint_dir": None}}, promote=promote,
-                            publish=publish, version=version, say=say)
-    result.manifest["train_job_s"] = round(time.monotonic() - t0, 1)
-    return result
+    return publish_ranker(settings, ModelRegistry.rankers_for_settings(settings), ranker, split, dataset=source,
+                          extra={"spec": {**asdict(spec), "checkpoint_dir": None}}, promote=promote,
+                          publish=publish, version=version, say=say)
 
 
 def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
