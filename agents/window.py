@@ -1,8 +1,11 @@
 """Window agent: validate each interaction, update the user's behaviour window, answer it on the fast path.
 
-Events are applied one at a time (the table write needs the event's own partition), but answered in batches
-(:class:`FastPathBatch`): one recommendation per user per batch, for the user's newest window, built with one
-batched store call for all of them. Under a backlog a batch holds up to ``worker.fast_path_batch_max`` events and
+Events are applied one at a time, but answered in batches (:class:`FastPathBatch`): one recommendation per user
+per batch, for the user's newest window, built with one batched store call for all of them. The window table is
+written once per user per batch too, when the batch is answered: under a backlog a user's many events in a batch
+cost one changelog record instead of one each (the changelog produce was the window path's largest cost; a
+changelog compacts to the newest value per key anyway). The write runs in the context of the user's newest
+event, so Faust files it under that event's partition exactly as an in-stream write. Under a backlog a batch holds up to ``worker.fast_path_batch_max`` events and
 the cost of answering grows with its users, not its events (Kafka Streams' record cache does the same:
 consecutive updates of a key are forwarded once); at a trickle a batch is one event, answered within
 ``worker.fast_path_batch_wait_s``.
@@ -23,6 +26,7 @@ must not restart the agent and stop every partition.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -43,23 +47,43 @@ class FastPathBatch:
     (the drift monitor judges each against the recommendation the user had before the batch), and every
     event to ack once the answers are out."""
 
-    def __init__(self, ack: Callable[[Any], Awaitable[Any]], max_events: int, wait_s: float) -> None:
+    def __init__(self, ack: Callable[[Any], Awaitable[Any]], max_events: int, wait_s: float,
+                 write: Callable[[WindowState], None]) -> None:
         self._ack = ack
+        self._write = write
         self.max_events = max_events
         self.wait_s = wait_s
         self.states: dict[str, WindowState] = {}
         self.applied: list[tuple[str, str]] = []
         self.events: list[Any] = []
+        # user -> (the newest applied window, the context of the event that made it): not yet in the table
+        self.unwritten: dict[str, tuple[WindowState, contextvars.Context]] = {}
         self._pending = asyncio.Event()
         self._lock = asyncio.Lock()  # batches are answered in order: a user's v7 never goes out before v5
 
     def add(self, event: Any, state: WindowState | None = None, applied: tuple[str, str] | None = None) -> None:
+        """``applied``: ``state`` is new (the event was applied) and must reach the table; otherwise ``state``
+        is only answered. Called from the stream's iteration, whose context names ``event``."""
         self.events.append(event)
         if state is not None:
             self.states[state.user_id] = state
         if applied is not None:
             self.applied.append(applied)
+            assert state is not None
+            self.unwritten[state.user_id] = (state, contextvars.copy_context())
         self._pending.set()
+
+    def newest(self, user_id: str) -> WindowState | None:
+        """The user's window applied in this batch and not yet written to the table, if any."""
+        pending = self.unwritten.get(user_id)
+        return pending[0] if pending else None
+
+    def write_windows(self) -> None:
+        """Write each pending user's newest window to the table, in the context of the event that made it.
+        Synchronous: between taking a batch and writing it no other event can read the table."""
+        unwritten, self.unwritten = self.unwritten, {}
+        for state, ctx in unwritten.values():
+            ctx.run(self._write, state)
 
     @property
     def full(self) -> bool:
@@ -76,6 +100,7 @@ class FastPathBatch:
         async with self._lock:
             states, applied, events = self.states, self.applied, self.events
             self.states, self.applied, self.events = {}, [], []
+            self.write_windows()  # before any await: the next event for these users reads the table
             self._pending.clear()
             if not events:
                 return
@@ -117,7 +142,7 @@ async def window_agent(stream):  # type: ignore[no-untyped-def]
     limits = EventLimits.from_settings(s)
     await runtime.store_ready.wait()
     manual = stream.noack()
-    batch = FastPathBatch(manual.ack, s.worker.fast_path_batch_max, s.worker.fast_path_batch_wait_s)
+    batch = FastPathBatch(manual.ack, s.worker.fast_path_batch_max, s.worker.fast_path_batch_wait_s, _write_window)
     answering = asyncio.ensure_future(batch.run())
     try:
         async for event in manual.events():
@@ -156,8 +181,10 @@ async def _handle(event: Any, batch: FastPathBatch, limits: EventLimits) -> None
         return
 
     s = runtime.settings
-    raw = windows.get(ev.user_id)
-    state = WindowState.model_validate(raw) if raw else None
+    state = batch.newest(ev.user_id)
+    if state is None:
+        raw = windows.get(ev.user_id)
+        state = WindowState.model_validate(raw) if raw else None
     applied = None
     if is_duplicate(state, ev, msg.partition, msg.offset):
         runtime.metrics["duplicates"] += 1
@@ -168,11 +195,14 @@ async def _handle(event: Any, batch: FastPathBatch, limits: EventLimits) -> None
     else:
         state = apply_event(state, ev, msg.partition, msg.offset, s.worker.window_size, s.worker.recent_event_ids,
                             epoch=time.time_ns() // 1_000_000)
-        windows[ev.user_id] = state.model_dump(mode="json")
         runtime.metrics["events_applied"] += 1
         applied = (ev.user_id, ev.item_id)
     runtime.backlog.request(ev.user_id)
     batch.add(event, state, applied)
+
+
+def _write_window(state: WindowState) -> None:
+    windows[state.user_id] = state.model_dump(mode="json")
 
 
 async def _dead_letter(event: Any, reason: str) -> None:
