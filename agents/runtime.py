@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import Callable, Sequence
@@ -54,6 +56,18 @@ class DeadlineExceeded(TimeoutError):
     pass
 
 
+def lower_thread_priority(by: int) -> None:
+    """Raise the calling thread's nice value by ``by`` (Linux: a thread's priority is its own; raising it
+    needs no privilege). Where that is not possible the thread keeps the process's priority."""
+    if by <= 0 or not hasattr(os, "setpriority"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
+    except OSError:
+        log.debug("could not lower the student thread's priority", exc_info=True)
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -66,8 +80,14 @@ class Runtime:
         self.stale = StaleShare(window=settings.drift.window_events)
         self._store_pool = ThreadPoolExecutor(1, thread_name_prefix="qdrant")
         self._encoder_pool = ThreadPoolExecutor(1, thread_name_prefix="encoder")
-        self._student_pool = ThreadPoolExecutor(settings.student.concurrency, thread_name_prefix="student")
-        self._loader_pool = ThreadPoolExecutor(1, thread_name_prefix="student-loader")
+        # The student is the slow path: its threads run at a lower OS priority so a generation never starves the
+        # event loop (on a small box the fast path shares its cores with the model). Threads llama.cpp spawns from
+        # them inherit it.
+        nice = (settings.student.nice,)
+        self._student_pool = ThreadPoolExecutor(settings.student.concurrency, thread_name_prefix="student",
+                                                initializer=lower_thread_priority, initargs=nice)
+        self._loader_pool = ThreadPoolExecutor(1, thread_name_prefix="student-loader",
+                                               initializer=lower_thread_priority, initargs=nice)
         self.store: VectorStore | None = None
         self.rankers = RankerSlot(settings, self.metrics, self.in_store)  # the trained ranker (agents/ranker_slot.py)
         self.encoder: TextEncoder | None = None

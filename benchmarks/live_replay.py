@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,25 @@ def train_served_ranker(world: World, args: argparse.Namespace, data_dir: Path) 
     return result.manifest
 
 
+def train_swap_version(world: World, args: argparse.Namespace, data_dir: Path) -> None:
+    """The version the swap mode promotes mid-replay: the same data, another seed, a shorter budget;
+    registered (not promoted) as ``--swap-to``."""
+    from retrain.ranker import RankerSpec, fit, publish_ranker
+    from streams.registry import ModelRegistry
+    from streams.splits import leave_one_out
+
+    settings = S.updated(data={"data_dir": data_dir})
+    registry = ModelRegistry.rankers_for_settings(settings)
+    if registry.exists(args.swap_to):
+        return
+    split = leave_one_out(world.train)
+    spec = RankerSpec(minutes=args.swap_minutes, seed=args.seed + 1, checkpoint_dir=str(data_dir / "checkpoints-swap"))
+    say(f"training the swap version {args.swap_to} ({args.swap_minutes:g} min, seed {args.seed + 1})")
+    ranker = fit(settings, "ml-1m", split, spec, progress=say)
+    publish_ranker(settings, registry, ranker, split, dataset=f"ml-1m<{world.cut:.0f}", extra={"purpose": "swap"},
+                   promote=False, say=say, version=args.swap_to)
+
+
 def _event(i: Any) -> tuple[bytes, bytes]:
     from streams.replay import interaction_to_event
 
@@ -115,8 +135,10 @@ def _event(i: Any) -> tuple[bytes, bytes]:
     return ev.user_id.encode(), ev.model_dump_json(exclude_none=True).encode()
 
 
-async def _publish_timed(bootstrap: str, events: list[Any], rate: float) -> list[float]:
-    """Publish ``events`` in order (``rate`` 0: full speed); the wall time each was handed to the broker."""
+async def _publish_timed(bootstrap: str, events: list[Any], rate: float,
+                         midway: Callable[[], Awaitable[None]] | None = None) -> list[float]:
+    """Publish ``events`` in order (``rate`` 0: full speed); the wall time each was handed to the broker.
+    ``midway``: awaited once half of them are out (the hot swap), the rate's clock carrying on."""
     from aiokafka import AIOKafkaProducer
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=0 if rate else 5)
@@ -126,6 +148,8 @@ async def _publish_timed(bootstrap: str, events: list[Any], rate: float) -> list
         t0 = time.monotonic()
         futures = []
         for n, i in enumerate(events):
+            if midway is not None and n == len(events) // 2:
+                await midway()
             if rate:
                 delay = t0 + n / rate - time.monotonic()
                 if delay > 0:
@@ -150,7 +174,7 @@ def _worker(bootstrap: str, data_dir: Path, qdrant: Path, registry: Path, mode: 
         "KAFKA_BOOTSTRAP_SERVERS", "QDRANT_URL", "QDRANT_PATH")}
     env.update({"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "QDRANT_PATH": str(qdrant), "SLIMSTREAM_DATA_DIR": str(data_dir),
                 "SLIMSTREAM_REGISTRY_DIR": str(registry), "SLIMSTREAM_WEB_PORT": str(port),
-                "SLIMSTREAM_EVENT_TIME_MODE": "replay", "SLIMSTREAM_RANKER": "registry" if mode == "ranker" else "text",
+                "SLIMSTREAM_EVENT_TIME_MODE": "replay", "SLIMSTREAM_RANKER": "text" if mode == "text" else "registry",
                 "SLIMSTREAM_STUDENT_BACKEND": args.backend, "SLIMSTREAM_STUDENT_MAX_NEW_TOKENS": str(args.max_new_tokens),
                 "PYTHONUNBUFFERED": "1"})
     log = open(log_path, "ab")
@@ -180,13 +204,18 @@ def replay(world: World, mode: str, rate: float, args: argparse.Namespace, data_
     tag = f"{mode}-{int(rate)}"
     qdrant = work / f"qdrant-{tag}"
     shutil.copytree(template, qdrant)
+    registry = data_dir / "registry"
+    swap: dict[str, Any] = {}
+    if mode == "swap":  # a registry of its own: the shared one keeps serving the first version
+        registry = work / f"registry-{tag}"
+        shutil.copytree(data_dir / "registry", registry, symlinks=True)
     warm = [i for evs in world.warmup.values() for i in evs]
     events = world.replay_order()
     with EmbeddedBroker(log_path=work / f"tansu-{tag}.log") as broker:
         asyncio.run(ensure_topics(S.updated(kafka={"bootstrap_servers": broker.bootstrap_servers})))
         port = free_port()
         (data_dir / "logs").mkdir(exist_ok=True)
-        proc = _worker(broker.bootstrap_servers, data_dir, qdrant, data_dir / "registry", mode, port,
+        proc = _worker(broker.bootstrap_servers, data_dir, qdrant, registry, mode, port,
                        data_dir / "logs" / f"worker-{tag}.log", args)
         base = f"http://127.0.0.1:{port}"
         try:
@@ -196,8 +225,22 @@ def replay(world: World, mode: str, rate: float, args: argparse.Namespace, data_
             before = http_json(f"{base}/metrics/") or {}
             say(f"[{tag}] warm-up applied ({len(warm)} events); replaying {len(events)} at "
                 f"{'full speed' if not rate else f'{rate:g}/s'}")
+            midway = None
+            if mode == "swap":
+                async def midway() -> None:  # promote the second version and announce it, as `rankers promote` does
+                    from streams.model_updates import model_update_for, publish_model_update
+                    from streams.registry import ModelRegistry
+
+                    settings = S.updated(kafka={"bootstrap_servers": broker.bootstrap_servers},
+                                         data={"registry_dir": registry})
+                    reg = ModelRegistry.rankers_for_settings(settings)
+                    swap["from"], swap["to"] = reg.current(), args.swap_to
+                    await asyncio.to_thread(reg.promote, args.swap_to, reason="live replay hot swap")
+                    await publish_model_update(settings, model_update_for(reg, settings, "promote", "live replay"))
+                    swap["announced_at"] = time.time()
+                    say(f"[{tag}] promoted {swap['from']} -> {swap['to']} with half the replay out")
             t0 = time.time()
-            sent = asyncio.run(_publish_timed(broker.bootstrap_servers, events, rate))
+            sent = asyncio.run(_publish_timed(broker.bootstrap_servers, events, rate, midway))
             total = len(warm) + len(events)
             final = _wait(f"{base}/metrics/", lambda m: m.get("events_applied", 0) >= total, 600, proc)
             drained = time.time()
@@ -210,7 +253,34 @@ def replay(world: World, mode: str, rate: float, args: argparse.Namespace, data_
             stop_process(proc, 30.0)
     recs = [Recommendation.model_validate_json(r.value) for r in records]
     return {"mode": mode, "rate": rate, "events": len(events), "warmup_events": len(warm), "sent": sent,
-            "t0": t0, "drained": drained, "recs": recs, "before": before, "after": after}
+            "t0": t0, "drained": drained, "recs": recs, "before": before, "after": after, "swap": swap}
+
+
+def swap_figures(world: World, run: dict[str, Any]) -> dict[str, Any]:
+    """What a hot swap mid-replay did: every event still answered, and how the versions switched."""
+    swap, recs = run["swap"], sorted(run["recs"], key=lambda r: r.produced_at)
+    old, new = f"ranker+{swap['from']}", f"ranker+{swap['to']}"
+    final = {u: len(world.warmup[u]) + len(world.judged[u]) for u in world.judged}
+    newest: dict[str, int] = {}
+    for r in recs:
+        newest[r.user_id] = max(newest.get(r.user_id, 0), r.window_version)
+    first_new = next((r.produced_at for r in recs if r.ranker_version.endswith(new)), None)
+    old_after = sum(1 for r in recs if first_new is not None and r.produced_at > first_new
+                    and r.ranker_version.endswith(old))
+    after = run["after"]
+    total = run["events"] + run["warmup_events"]
+    return {
+        "from": old, "to": new,
+        "events_answered": after.get("fast_path_batch_events", 0), "events_total": total,
+        "users_whose_last_window_was_answered": sum(1 for u, v in final.items() if newest.get(u) == v),
+        "users": len(final),
+        "recommendations_old": sum(1 for r in recs if r.ranker_version.endswith(old)),
+        "recommendations_new": sum(1 for r in recs if r.ranker_version.endswith(new)),
+        # served is read once per fast-path batch: after the first answer from the new version, none from the old
+        "old_version_recommendations_after_first_new": old_after,
+        "announce_to_first_new_ms": None if first_new is None else round((first_new - swap["announced_at"]) * 1000, 1),
+        "worker_swaps": after.get("ranker_swaps", 0), "last_ranker_swap": after.get("last_ranker_swap"),
+    }
 
 
 def judge(world: World, run: dict[str, Any]) -> dict[str, Any]:
@@ -305,7 +375,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=20, help="pre-cut events per user published first (not judged)")
     p.add_argument("--judged", type=int, default=30, help="post-cut events per user replayed and judged")
     p.add_argument("--rates", default="0,200", help="comma-separated events/s (0: full speed)")
-    p.add_argument("--modes", default="ranker,text")
+    p.add_argument("--modes", default="ranker,text,swap",
+                   help="ranker: the registry's CURRENT; text: the text ranker; swap: CURRENT, and --swap-to "
+                        "promoted and announced with half the replay published")
+    p.add_argument("--swap-to", default="v0002", help="the ranker version the swap mode promotes (trained "
+                   "beside the first with --swap-minutes and another seed when missing)")
+    p.add_argument("--swap-minutes", type=float, default=3.0)
     p.add_argument("--ranker-minutes", type=float, default=10.0)
     p.add_argument("--backend", default="llamacpp")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -321,6 +396,8 @@ def main(argv: list[str] | None = None) -> None:
     say(f"cut at {time.strftime('%Y-%m-%d', time.gmtime(world.cut))}: {len(world.train)} training interactions; "
         f"replay {len(world.judged)} users, {len(world.replay_order())} judged events")
     manifest = train_served_ranker(world, args, args.data_dir)
+    if "swap" in args.modes.split(","):
+        train_swap_version(world, args, args.data_dir)
     if args.train_only:
         return
     template = index_template(args.data_dir)
@@ -330,6 +407,9 @@ def main(argv: list[str] | None = None) -> None:
             for mode in args.modes.split(","):
                 run = replay(world, mode, rate, args, args.data_dir, template, Path(tmp))
                 row = {"mode": mode, "rate": rate, **judge(world, run), **figures(run)}
+                if mode == "swap":
+                    row["swap"] = swap_figures(world, run)
+                    say(f"[swap @ {rate:g}/s] {row['swap']}")
                 runs.append(row)
                 say(f"[{mode} @ {rate:g}/s] online HR@10 {row['served']['HR@10']:.4f} (per window "
                     f"{row['per_window']['HR@10']:.4f}, popularity {row['popularity']['HR@10']:.4f}); "

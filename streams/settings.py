@@ -171,6 +171,8 @@ class StudentSettings(Section):
     concurrency: int = Field(1, ge=1, description="Model calls in flight at once.")
     deadline_s: float = Field(120.0, gt=0, description="Give up on one rationale batch after this.")
     threads: int = Field(1, ge=1, description="torch intra-op threads (2 spin-wait against each other on a busy 2-core box).")
+    nice: int = Field(10, ge=0, le=19, description="OS priority offset of the worker's student threads: generation "
+                      "(the slow path) yields the CPU to the window path; 0 keeps the worker's priority.")
     prompt_max_items: int = Field(20, ge=1, json_schema_extra=_env("SLIMSTREAM_PROMPT_MAX_ITEMS"),
                                   description="Window items shown to the LLM (student and teacher prompts).")
 
