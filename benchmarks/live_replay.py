@@ -292,6 +292,9 @@ def judge(world: World, run: dict[str, Any]) -> dict[str, Any]:
     for r in run["recs"]:
         by_user[r.user_id].append(r)
     served, per_window, pop, fresh_fast, fresh_slow, labels = [], [], [], [], [], Counter()
+    # Popularity served the same way: for the window of the answer the user had (same lag, same misses).
+    by_version: dict[str, dict[int, list[str]]] = {u: {version[u]: list(w)} for u, w in windows.items()}
+    pop_served: list[tuple[float, float] | None] = []
     covered = 0  # events whose previous window got its own recommendation (batches coalesce versions)
     pop_covered: list[tuple[float, float] | None] = []  # popularity on those same events
     for i, sent_at in zip(events, run["sent"]):
@@ -303,6 +306,10 @@ def judge(world: World, run: dict[str, Any]) -> dict[str, Any]:
         served.append(_gain([x.item_id for x in last.items] if last else [], i.item_id))
         if last is not None:
             labels[last.ranker_version] += 1
+            then = set(by_version[u].get(last.window_version, by_version[u][min(by_version[u])]))
+            pop_served.append(_gain([x for x in world.popular if x not in then][:K], i.item_id))
+        else:
+            pop_served.append(None)
         prev = [r for r in by_user[u] if r.window_version == v - 1]
         per_window.append(_gain([x.item_id for x in prev[-1].items] if prev else [], i.item_id))
         covered += bool(prev)
@@ -315,8 +322,10 @@ def judge(world: World, run: dict[str, Any]) -> dict[str, Any]:
                 out.append(min(first) - sent_at)
         version[u] = v
         windows[u] = [x for x in windows[u] if x != i.item_id][-(S.worker.window_size - 1):] + [i.item_id]
+        by_version[u][v] = list(windows[u])
     judged_pw = [g for g in per_window if g is not None]
     return {"served": _mean(served), "per_window": _mean(judged_pw), "popularity": _mean(pop),
+            "popularity_as_served": _mean(pop_served),
             "per_window_coverage": round(covered / max(len(events), 1), 4),
             "popularity_per_window": _mean(pop_covered),
             "no_recommendation_yet": round(sum(1 for g in served if g is None) / max(len(served), 1), 4),

@@ -11,8 +11,9 @@ Each trial gets a fresh Tansu broker and the same records, and runs one of:
 The consumers are started and ready first (partitions assigned, a warm-up record per user group answered), then
 the records are published at once (tens of thousands per second, a backlog to them) and the trial times the
 first to the last record handled: forwarded (pass-through) or answered on the fast path (workers: the events of
-batches whose recommendations were sent, read from ``/metrics/``). Trials alternate kinds and repeat, so the
-ratios are not an artefact of the box getting busier.
+batches whose recommendations were sent, read from ``/metrics/``), and how busy the box's cores were meanwhile
+(``box_cpu_busy`` from ``/proc/stat``: publisher, broker and consumers together; 1.0 is both cores). Trials
+alternate kinds and repeat, so the ratios are not an artefact of the box getting busier.
 
 Two mixes of the same number of ML-1M events, keyed by user:
 
@@ -53,6 +54,16 @@ from streams.settings import Settings  # noqa: E402
 
 S = Settings.from_env()
 Records = list[tuple[bytes | None, bytes | None]]
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole box so far (/proc/stat): how much of the 2 cores a trial used."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
+    return sum(fields) - fields[3] - fields[4], sum(fields)  # idle and iowait are not busy
+
+
+def busy_share(start: tuple[int, int], end: tuple[int, int]) -> float:
+    return round((end[0] - start[0]) / max(end[1] - start[1], 1), 3)
 
 
 def spread_records(n: int, per_user: int = 10) -> tuple[Records, int]:
@@ -127,11 +138,13 @@ def _passthrough(bootstrap: str, records: Records, work: Path, timeout: float) -
         _, _, got = asyncio.run(_forwarded(bootstrap, len(warm), warm, 300))
         if got < len(warm):
             raise RuntimeError(f"pass-through forwarded {got}/{len(warm)} warm-up records; see {work}")
+        c0 = cpu_ticks()
         first, last, got = asyncio.run(_forwarded(bootstrap, len(records), records, timeout))
+        c1 = cpu_ticks()
     finally:
         stop_process(proc, 20.0)
     return {"handled": got, "seconds": round(last - first, 3),
-            "events_per_s": round(got / max(last - first, 1e-6), 1)}
+            "events_per_s": round(got / max(last - first, 1e-6), 1), "box_cpu_busy": busy_share(c0, c1)}
 
 
 def _metrics(ports: list[int]) -> list[dict[str, Any]]:
@@ -165,6 +178,7 @@ def _workers(bootstrap: str, records: Records, n_workers: int, args: argparse.Na
         _until(lambda: (lambda ms: _answered(ms) >= len(warm) and all(m.get("fast_path_batch_events", 0) for m in ms))(
             _metrics(ports)), 300, procs, "warm-up answered by every worker")
         base = _answered(_metrics(ports))
+        c0 = cpu_ticks()
         asyncio.run(publish(bootstrap, S.kafka.topic_interactions, records))
         first = last = None
         deadline = time.monotonic() + args.timeout
@@ -177,6 +191,7 @@ def _workers(bootstrap: str, records: Records, n_workers: int, args: argparse.Na
                 last = now
                 break
             time.sleep(0.2)  # /metrics/ computes percentiles: polling it costs the worker CPU
+        c1 = cpu_ticks()
         ms = _metrics(ports)
         if last is None or first is None:
             raise RuntimeError(f"workers answered {_answered(ms) - base}/{len(records)}; see {work}")
@@ -185,7 +200,7 @@ def _workers(bootstrap: str, records: Records, n_workers: int, args: argparse.Na
             stop_process(p, 30.0)
     logs = "".join((work / f"worker-{w}.log").read_text(errors="replace") for w in range(n_workers))
     return {"handled": _answered(ms) - base, "seconds": round(last - first, 3),
-            "events_per_s": round(len(records) / max(last - first, 1e-6), 1),
+            "events_per_s": round(len(records) / max(last - first, 1e-6), 1), "box_cpu_busy": busy_share(c0, c1),
             "per_worker_events": [m.get("events_applied", 0) for m in ms],
             "recommendations_fast": sum(m.get("recommendations_fast", 0) for m in ms),
             "fast_path_batches": sum(m.get("fast_path_batches", 0) for m in ms),
