@@ -51,6 +51,7 @@ from benchmarks.backlog import backlog_records, http_json, index_template, publi
 from benchmarks.passthrough import OUT_TOPIC  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port, stop_process  # noqa: E402
 from streams.settings import Settings  # noqa: E402
+from tests.conftest import private_data_dir  # noqa: E402
 
 S = Settings.from_env()
 Records = list[tuple[bytes | None, bytes | None]]
@@ -164,7 +165,7 @@ def _workers(bootstrap: str, records: Records, n_workers: int, args: argparse.Na
             shutil.copytree(template, qdrant)
             port = free_port()
             env = worker_env(bootstrap, args.data_dir, qdrant, port, args)
-            env["SLIMSTREAM_DATA_DIR"] = str(_worker_data_dir(args.data_dir, work / f"data-{w}"))
+            env["SLIMSTREAM_DATA_DIR"] = str(private_data_dir(args.data_dir, work / f"data-{w}"))
             with open(work / f"worker-{w}.log", "ab") as log:
                 procs.append(subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=ROOT, env=env, stdout=log,
                                               stderr=subprocess.STDOUT, start_new_session=True))
@@ -207,15 +208,6 @@ def _workers(bootstrap: str, records: Records, n_workers: int, args: argparse.Na
             "rationales_generated": sum(m.get("rationales_generated", 0) for m in ms),
             "dead_letters": sum(m.get("dead_letters", 0) for m in ms),
             "crashes_in_log": logs.count("Traceback (most recent call last)")}
-
-
-def _worker_data_dir(shared: Path, own: Path) -> Path:
-    """A data dir of the worker's own (Faust's scratch files) that links the shared caches and registry."""
-    own.mkdir(parents=True, exist_ok=True)
-    for entry in shared.iterdir():
-        if entry.name not in ("faust", "logs") and not (own / entry.name).exists():
-            (own / entry.name).symlink_to(entry.resolve())
-    return own
 
 
 def _until(predicate, timeout: float, procs: list[subprocess.Popen[bytes]], what: str) -> None:  # type: ignore[no-untyped-def]

@@ -46,7 +46,7 @@ def create_app(settings: Settings) -> faust.App:
     return faust.App(
         settings.kafka.app_id,
         broker=broker_url(settings.kafka.bootstrap_servers),
-        store="memory://",  # state is rebuilt from the changelog on every start: no local files to lose
+        store=f"{settings.worker.table_store}://",  # memory: rebuilt from the changelog; rocksdb: kept on disk
         datadir=str(settings.data.data_dir / "faust"),  # Faust's own scratch dir; not ./<app_id>-data in the cwd
         processing_guarantee="at_least_once",  # Tansu has no InitProducerId; effects are idempotent instead
         topic_partitions=settings.kafka.topic_partitions,

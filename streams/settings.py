@@ -123,6 +123,11 @@ class WorkerSettings(Section):
     fast_path_batch_wait_s: float = Field(0.005, ge=0, description="How long an event waits for its batch to fill.")
     rationale_backlog_max: int = Field(
         100_000, ge=1, description="Users waiting for a rationale at most; beyond it the oldest request is shed.")
+    # memory: the windows table is rebuilt from its changelog on every start (nothing on local disk to lose or
+    # to go stale; start-up grows with the users). rocksdb: Faust's RocksDB store (rocksdict) under
+    # <data_dir>/faust keeps it across restarts and reads only the changelog written since (production).
+    table_store: Literal["memory", "rocksdb"] = Field(
+        "memory", description="Where the windows table lives: memory (rebuilt from the changelog) or rocksdb.")
     web_port: int = Field(6066, description="Faust web port (window lookups, health).")
     web_enabled: bool = True
     web_host: str = Field("127.0.0.1", description="Bind address of the Faust web server (0.0.0.0 in containers).")

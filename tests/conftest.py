@@ -139,6 +139,16 @@ class WorkerProcess:
             raise AssertionError(f"worker did not stop within {timeout}s:\n{self.log_tail()}")
 
 
+def private_data_dir(shared: Path, own: Path) -> Path:
+    """A data dir of a worker's own (Faust's files: its RocksDB table store) that links ``shared``'s caches
+    (the encoder export, the student, the registry), so one worker's state never leaks into another's."""
+    own.mkdir(parents=True, exist_ok=True)
+    for entry in shared.iterdir():
+        if entry.name not in ("faust", "logs") and not (own / entry.name).exists():
+            (own / entry.name).symlink_to(entry.resolve())
+    return own
+
+
 def worker_env(broker: EmbeddedBroker, data_dir: Path, qdrant_path: Path, **overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSTREAM_") and k not in (
         "KAFKA_BOOTSTRAP_SERVERS", "QDRANT_URL", "QDRANT_PATH")}

@@ -23,7 +23,7 @@ from streams.datasets import load_interactions
 from streams.settings import Settings
 from streams.topics import WINDOWS_TABLE
 from streams.window import WindowState
-from tests.conftest import WorkerProcess, run, worker_env
+from tests.conftest import WorkerProcess, private_data_dir, run, worker_env
 from tests.kafka_io import committed_offsets, end_offsets, event, expected_windows, publish, read_until
 
 pytestmark = pytest.mark.slow
@@ -136,6 +136,16 @@ def test_restarted_worker_recovers_every_window_exactly(tmp_path, data_dir, inde
     # One record per batch: the broker's answer is the true end of every changelog partition.
     assert not r.past_reported_end
     assert not r.diff, {u: (a and a.get("version"), e.version) for u, (a, e) in r.diff.items()}
+
+
+def test_a_rocksdb_table_store_keeps_every_window_across_a_restart(tmp_path, data_dir, indexed_qdrant) -> None:
+    # Faust's RocksDB store: the windows live on the worker's disk and recovery reads only the changelog written
+    # since its persisted offsets. A data dir of its own: the state must come from this run alone.
+    own = private_data_dir(data_dir, tmp_path / "data")
+    r = restart_and_compare(tmp_path, own, indexed_qdrant, SLIMSTREAM_TABLE_STORE="rocksdb")
+    assert not r.past_reported_end
+    assert not r.diff, {u: (a and a.get("version"), e.version) for u, (a, e) in r.diff.items()}
+    assert any((own / "faust").rglob("*.sst")) or any((own / "faust").rglob("CURRENT")), "no RocksDB files written"
 
 
 def test_control_batched_changelog_loses_updates_on_tansu(tmp_path, data_dir, indexed_qdrant) -> None:
