@@ -1,0 +1,191 @@
+"""Recovery time: how long a restarted worker takes to apply its first event, per table store and user count.
+
+For each ``--users`` N on a fresh Tansu broker: the windows changelog is filled with N users' 20-item windows
+(written straight to the changelog topic, each record its own batch as the worker writes them, under the
+partition the worker would use), then ``slimstream worker`` is started (trained ranker, llama.cpp student,
+Qdrant local mode) with each ``--stores``:
+
+- ``memory``: Faust rebuilds the table from the whole changelog on every start;
+- ``rocksdb``: a first start reads the whole changelog into RocksDB (``cold``), a graceful stop, then a restart
+  reads only what was written since (``warm``, the production restart).
+
+A probe event for a new user is published just before each start. The figures: seconds from the start to
+recovery completed (``/healthz/``) and to the probe applied (``/metrics/`` events_applied), and the changelog's
+size, so recovery time per GB follows. Start-up includes the consumer group join (Tansu answers JoinGroup after
+half the rebalance timeout, ``SLIMSTREAM_BROKER_REBALANCE_TIMEOUT_S``) and loading the ranker and the encoder.
+
+    .venv/bin/python benchmarks/recovery.py --users 10000 100000     # writes benchmarks/results/recovery.json
+
+Found with it, not fixed yet (the issue "Nothing lost, nothing let in"): on Tansu, a worker started on a group
+that had a member before (the restart, and RocksDB's cold start after the memory runs) completes recovery in
+~22 s at 10k users but then consumes nothing for ~4.5 minutes (the probe was applied 269 s after the start;
+aiokafka refreshes metadata every 300 s), with every partition assigned and the event loop idle. The first
+start on a fresh group applies its probe in ~14 s. Until that is fixed the restart figures measure the stall.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.backlog import http_json, index_template, publish, say, worker_env  # noqa: E402
+from streams.broker import EmbeddedBroker, free_port, stop_process  # noqa: E402
+from streams.settings import Settings  # noqa: E402
+from streams.topics import WINDOWS_TABLE  # noqa: E402
+from tests.conftest import private_data_dir  # noqa: E402
+
+S = Settings.from_env()
+
+
+def window_records(n: int, size: int, seed: int = 0) -> list[tuple[int, bytes, bytes]]:
+    """(partition, key, value) of ``n`` users' windows of ``size`` ML-1M items, as the worker's table holds
+    them: Faust JSON key and value, on the partition of the user's interactions (the default partitioner)."""
+    import numpy as np
+    from aiokafka.partitioner import DefaultPartitioner
+
+    from streams.datasets import load_items
+    from streams.events import WindowItem
+    from streams.window import WindowState
+
+    items = [i.item_id for i in load_items("ml-1m")]
+    rng = np.random.default_rng(seed)
+    parts = list(range(S.kafka.topic_partitions))
+    partitioner = DefaultPartitioner()
+    out = []
+    for u in range(n):
+        user = f"rec-{u}"
+        p = partitioner(user.encode(), parts, parts)
+        picked = rng.choice(len(items), size=size, replace=False)
+        state = WindowState(user_id=user, version=size, epoch=1_700_000_000_000 + u,
+                            items=tuple(WindowItem(item_id=items[i], event_type="rating", value=4.0,
+                                                   timestamp=978_300_000.0 + k) for k, i in enumerate(picked)),
+                            last_event_timestamp=978_300_000.0 + size, partition=p, offset=-1)
+        out.append((p, json.dumps(user).encode(), json.dumps(state.model_dump(mode="json")).encode()))
+    return out
+
+
+async def fill_changelog(bootstrap: str, records: list[tuple[int, bytes, bytes]]) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    # One record per batch, as the worker writes on Tansu: ListOffsets then reports the true end.
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=0, max_batch_size=1)
+    await producer.start()
+    try:
+        futures = []
+        for p, key, value in records:
+            futures.append(await producer.send(S.kafka.changelog_topic(WINDOWS_TABLE), value, key=key, partition=p))
+            if len(futures) >= 2000:
+                await asyncio.gather(*futures)
+                futures.clear()
+        await asyncio.gather(*futures)
+    finally:
+        await producer.stop()
+
+
+def start_once(bootstrap: str, data_dir: Path, qdrant: Path, store: str, probe: str, args: argparse.Namespace,
+               log: Path) -> dict[str, Any]:
+    """Publish a probe event, start a worker, time recovery and the probe's application, stop it gracefully."""
+    from streams.events import InteractionEvent
+
+    ev = InteractionEvent(user_id=probe, item_id="Toy Story (1995)", event_type="view", timestamp=978_300_100.0)
+    asyncio.run(publish(bootstrap, S.kafka.topic_interactions, [(probe.encode(), ev.model_dump_json().encode())]))
+    port = free_port()
+    env = worker_env(bootstrap, data_dir, qdrant, port, args)
+    env["SLIMSTREAM_TABLE_STORE"] = store
+    t0 = time.monotonic()
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    recovered = applied = None
+    try:
+        while time.monotonic() - t0 < args.timeout:
+            if proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {proc.returncode}; see {log}")
+            h = http_json(f"http://127.0.0.1:{port}/healthz/") or {}
+            now = time.monotonic()
+            if recovered is None and h.get("recovery_completed") and h.get("assigned_partitions"):
+                recovered = now - t0
+            m = http_json(f"http://127.0.0.1:{port}/metrics/") or {}
+            if m.get("events_applied", 0) >= 1:
+                applied = time.monotonic() - t0
+                break
+            time.sleep(0.1)
+        users = http_json(f"http://127.0.0.1:{port}/window/rec-0/")
+    finally:
+        stop_process(proc, 60.0)
+    if applied is None:
+        raise RuntimeError(f"the probe was not applied within {args.timeout}s; see {log}")
+    return {"start_to_recovered_s": None if recovered is None else round(recovered, 2),
+            "start_to_first_applied_s": round(applied, 2),
+            "a_recovered_window_has_items": bool(users and users.get("items"))}
+
+
+def run_one(n: int, stores: list[str], args: argparse.Namespace, template: Path, work: Path) -> dict[str, Any]:
+    from streams.topics import ensure_topics
+
+    records = window_records(n, S.worker.window_size)
+    size = sum(len(k) + len(v) for _, k, v in records)
+    row: dict[str, Any] = {"users": n, "changelog_records": n, "changelog_mb": round(size / 2**20, 1)}
+    with EmbeddedBroker(log_path=work / f"tansu-{n}.log") as broker:
+        asyncio.run(ensure_topics(S.updated(kafka={"bootstrap_servers": broker.bootstrap_servers})))
+        t = time.monotonic()
+        asyncio.run(fill_changelog(broker.bootstrap_servers, records))
+        say(f"{n} users: changelog of {row['changelog_mb']} MB written in {time.monotonic() - t:.0f}s")
+        for store in stores:
+            data = private_data_dir(args.data_dir, work / f"data-{n}-{store}")
+            qdrant = work / f"qdrant-{n}-{store}"
+            shutil.copytree(template, qdrant)
+            starts = ["cold", "warm"] if store == "rocksdb" else ["start", "restart"]
+            for k, label in enumerate(starts):
+                got = start_once(broker.bootstrap_servers, data, qdrant, store, f"probe-{n}-{store}-{k}", args,
+                                 work / f"worker-{n}-{store}.log")
+                row[f"{store}_{label}"] = got
+                say(f"{n} users, {store} {label}: {got}")
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--users", type=int, nargs="+", default=[10_000, 100_000])
+    ap.add_argument("--stores", default="memory,rocksdb")
+    ap.add_argument("--backend", default="llamacpp", choices=["transformers", "llamacpp"])
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--set", action="append", default=[], metavar="SLIMSTREAM_X=V", help="extra worker setting")
+    ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--data-dir", type=Path, default=ROOT / ".slimstream" / "live-replay")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recovery.json")
+    args = ap.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="slimstream-recovery-"))
+    template = index_template(args.data_dir)
+    rows = [run_one(n, args.stores.split(","), args, template, work) for n in args.users]
+    out = {"command": " ".join(["python", *sys.argv]), "host": platform.node(), "cpus": os.cpu_count(),
+           "rebalance_timeout_s": S.kafka.broker_rebalance_timeout_s, "rows": rows,
+           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"\n{'users':>8} {'MB':>6} " + " ".join(f"{s + ' ' + k:>18}" for s in args.stores.split(",")
+                                                   for k in (("cold", "warm") if s == "rocksdb" else ("start", "restart"))))
+    for r in rows:
+        cells = [r[key]["start_to_first_applied_s"] for key in r if isinstance(r[key], dict)]
+        print(f"{r['users']:>8} {r['changelog_mb']:>6} " + " ".join(f"{c:>18}" for c in cells))
+    print(f"wrote {args.out}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
