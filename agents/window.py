@@ -5,8 +5,9 @@ per batch, for the user's newest window, built with one batched store call for a
 written once per user per batch too, when the batch is answered: under a backlog a user's many events in a batch
 cost one changelog record instead of one each (the changelog produce was the window path's largest cost; a
 changelog compacts to the newest value per key anyway). The write runs in the context of the user's newest
-event, so Faust files it under that event's partition exactly as an in-stream write. Under a backlog a batch holds up to ``worker.fast_path_batch_max`` events and
-the cost of answering grows with its users, not its events (Kafka Streams' record cache does the same:
+event, so Faust files it under that event's partition exactly as an in-stream write. Under a backlog a batch
+holds up to ``worker.fast_path_batch_max`` events and the cost of answering grows with its users, not its
+events (Kafka Streams' record cache does the same:
 consecutive updates of a key are forwarded once); at a trickle a batch is one event, answered within
 ``worker.fast_path_batch_wait_s``.
 

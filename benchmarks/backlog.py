@@ -60,15 +60,20 @@ def backlog_records(n: int, hostile: int, seed: int = 0) -> tuple[list[tuple[byt
     return merged, len(good), len({ev.user_id for ev in events})
 
 
-async def publish(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes | None]]) -> None:
+async def publish(bootstrap: str, topic: str, records: list[tuple[bytes | None, bytes | None]],
+                  partitions: list[int] | None = None, **producer_config: Any) -> None:
+    """Publish ``records`` (key, value) in order, to ``partitions[i]`` when given (else the key's partition);
+    ``producer_config`` overrides the producer's settings."""
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20, max_request_size=2_000_000)
+    config = {"acks": "all", "linger_ms": 20, "max_request_size": 2_000_000, **producer_config}
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, **config)
     await producer.start()
     try:
         futures = []
-        for key, value in records:
-            futures.append(await producer.send(topic, value, key=key))
+        for n, (key, value) in enumerate(records):
+            futures.append(await producer.send(topic, value, key=key,
+                                               partition=None if partitions is None else partitions[n]))
             if len(futures) >= 2000:
                 await asyncio.gather(*futures)
                 futures.clear()
@@ -102,6 +107,14 @@ def index_template(data_dir: Path) -> Path:
     finally:
         store.close()
     return path
+
+
+def add_worker_args(ap: argparse.ArgumentParser, *, backend: str, max_new_tokens: int, data_dir: Path) -> None:
+    """The options :func:`worker_env` reads, with this benchmark's defaults."""
+    ap.add_argument("--backend", default=backend, choices=["transformers", "llamacpp"])
+    ap.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    ap.add_argument("--set", action="append", default=[], metavar="SLIMSTREAM_X=V", help="extra worker setting")
+    ap.add_argument("--data-dir", type=Path, default=data_dir, help="model caches (ONNX, student) and registry")
 
 
 def worker_env(bootstrap: str, data_dir: Path, qdrant: Path, port: int, args: argparse.Namespace) -> dict[str, str]:
@@ -262,12 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hostile", type=int, default=0, help="hostile records interleaved in each backlog")
     ap.add_argument("--fresh", type=int, default=200, help="fresh events after the backlog")
     ap.add_argument("--rate", type=float, default=20.0, help="fresh events per second")
-    ap.add_argument("--backend", default="transformers", choices=["transformers", "llamacpp"])
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    add_worker_args(ap, backend="transformers", max_new_tokens=128, data_dir=ROOT / ".slimstream")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--set", action="append", default=[], metavar="SLIMSTREAM_X=V", help="extra worker setting")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds to consume one backlog")
-    ap.add_argument("--data-dir", type=Path, default=ROOT / ".slimstream", help="model caches (ONNX, student)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "backlog.json")
     args = ap.parse_args(argv)
 

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.backlog import http_json, index_template, say  # noqa: E402
+from benchmarks.backlog import add_worker_args, http_json, index_template, say, worker_env  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port, stop_process  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 
@@ -88,22 +88,12 @@ def build_world(args: argparse.Namespace) -> World:
 
 def train_served_ranker(world: World, args: argparse.Namespace, data_dir: Path) -> dict[str, Any]:
     """Fit on the pre-cut interactions, judge through the serving code, promote: the registry the worker reads."""
-    from retrain.ranker import RankerSpec, fit, publish_ranker
-    from streams.registry import ModelRegistry
-    from streams.splits import leave_one_out
-
-    settings = S.updated(data={"data_dir": data_dir})
-    registry = ModelRegistry.rankers_for_settings(settings)
+    registry = _rankers(data_dir)
     if registry.current() is not None:  # a resumed run: the same cut and seed trained it
         say(f"ranker {registry.current()} already trained in {registry.root}")
         return registry.get(registry.current())
-    split = leave_one_out(world.train)
-    spec = RankerSpec(minutes=args.ranker_minutes, seed=args.seed, checkpoint_dir=str(data_dir / "checkpoints"))
-    say(f"training the ranker on {len(world.train)} pre-cut interactions ({split.n_users} users), "
-        f"budget {args.ranker_minutes:g} min")
-    ranker = fit(settings, "ml-1m", split, spec, progress=say)
-    result = publish_ranker(settings, registry, ranker, split, dataset=f"ml-1m<{world.cut:.0f}", extra={},
-                            promote=True, say=say)
+    result = _train(world, data_dir, minutes=args.ranker_minutes, seed=args.seed, checkpoints="checkpoints",
+                    promote=True)
     if not result.promoted:
         raise SystemExit(f"the ranker did not pass its gate: {result.reason}")
     return result.manifest
@@ -112,20 +102,31 @@ def train_served_ranker(world: World, args: argparse.Namespace, data_dir: Path) 
 def train_swap_version(world: World, args: argparse.Namespace, data_dir: Path) -> None:
     """The version the swap mode promotes mid-replay: the same data, another seed, a shorter budget;
     registered (not promoted) as ``--swap-to``."""
-    from retrain.ranker import RankerSpec, fit, publish_ranker
+    if not _rankers(data_dir).exists(args.swap_to):
+        _train(world, data_dir, minutes=args.swap_minutes, seed=args.seed + 1, checkpoints="checkpoints-swap",
+               promote=False, version=args.swap_to, extra={"purpose": "swap"})
+
+
+def _rankers(data_dir: Path) -> Any:
     from streams.registry import ModelRegistry
+
+    return ModelRegistry.rankers_for_settings(S.updated(data={"data_dir": data_dir}))
+
+
+def _train(world: World, data_dir: Path, *, minutes: float, seed: int, checkpoints: str, promote: bool,
+           version: str | None = None, extra: dict[str, Any] | None = None) -> Any:
+    """A ranker fitted on the pre-cut interactions (``fit``), judged and registered (``publish_ranker``)."""
+    from retrain.ranker import RankerSpec, fit, publish_ranker
     from streams.splits import leave_one_out
 
     settings = S.updated(data={"data_dir": data_dir})
-    registry = ModelRegistry.rankers_for_settings(settings)
-    if registry.exists(args.swap_to):
-        return
     split = leave_one_out(world.train)
-    spec = RankerSpec(minutes=args.swap_minutes, seed=args.seed + 1, checkpoint_dir=str(data_dir / "checkpoints-swap"))
-    say(f"training the swap version {args.swap_to} ({args.swap_minutes:g} min, seed {args.seed + 1})")
+    spec = RankerSpec(minutes=minutes, seed=seed, checkpoint_dir=str(data_dir / checkpoints))
+    say(f"training ranker {version or '(next version)'} on {len(world.train)} pre-cut interactions "
+        f"({split.n_users} users), budget {minutes:g} min, seed {seed}")
     ranker = fit(settings, "ml-1m", split, spec, progress=say)
-    publish_ranker(settings, registry, ranker, split, dataset=f"ml-1m<{world.cut:.0f}", extra={"purpose": "swap"},
-                   promote=False, say=say, version=args.swap_to)
+    return publish_ranker(settings, _rankers(data_dir), ranker, split, dataset=f"ml-1m<{world.cut:.0f}",
+                          extra=extra or {}, promote=promote, say=say, version=version)
 
 
 def _event(i: Any) -> tuple[bytes, bytes]:
@@ -168,15 +169,8 @@ async def _publish_timed(bootstrap: str, events: list[Any], rate: float,
 
 def _worker(bootstrap: str, data_dir: Path, qdrant: Path, registry: Path, mode: str, port: int,
             log_path: Path, args: argparse.Namespace) -> subprocess.Popen[bytes]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLIMSTREAM_") and k not in (
-        "KAFKA_BOOTSTRAP_SERVERS", "QDRANT_URL", "QDRANT_PATH")}
-    env.update({"KAFKA_BOOTSTRAP_SERVERS": bootstrap, "QDRANT_PATH": str(qdrant), "SLIMSTREAM_DATA_DIR": str(data_dir),
-                "SLIMSTREAM_REGISTRY_DIR": str(registry), "SLIMSTREAM_WEB_PORT": str(port),
-                "SLIMSTREAM_EVENT_TIME_MODE": "replay", "SLIMSTREAM_RANKER": "text" if mode == "text" else "registry",
-                "SLIMSTREAM_STUDENT_BACKEND": args.backend, "SLIMSTREAM_STUDENT_MAX_NEW_TOKENS": str(args.max_new_tokens),
-                "PYTHONUNBUFFERED": "1"})
+    env = worker_env(bootstrap, data_dir, qdrant, port, args)
+    env.update({"SLIMSTREAM_REGISTRY_DIR": str(registry), "SLIMSTREAM_RANKER": "text" if mode == "text" else "registry"})
     log = open(log_path, "ab")
     return subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
@@ -391,12 +385,10 @@ def main(argv: list[str] | None = None) -> None:
                    "beside the first with --swap-minutes and another seed when missing)")
     p.add_argument("--swap-minutes", type=float, default=3.0)
     p.add_argument("--ranker-minutes", type=float, default=10.0)
-    p.add_argument("--backend", default="llamacpp")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    add_worker_args(p, backend="llamacpp", max_new_tokens=64, data_dir=ROOT / ".slimstream" / "live-replay")
     p.add_argument("--settle", type=float, default=3.0, help="seconds to wait after the replay was applied")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-only", action="store_true", help="train (or find) the ranker, then stop")
-    p.add_argument("--data-dir", type=Path, default=ROOT / ".slimstream" / "live-replay")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "live_replay.json")
     args = p.parse_args(argv)
     t_start = time.monotonic()

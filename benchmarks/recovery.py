@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.backlog import http_json, index_template, publish, say, worker_env  # noqa: E402
+from benchmarks.backlog import add_worker_args, http_json, index_template, publish, say, worker_env  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port, stop_process  # noqa: E402
 from streams.settings import Settings  # noqa: E402
 from streams.topics import WINDOWS_TABLE  # noqa: E402
@@ -83,21 +83,9 @@ def window_records(n: int, size: int, seed: int = 0) -> list[tuple[int, bytes, b
 
 
 async def fill_changelog(bootstrap: str, records: list[tuple[int, bytes, bytes]]) -> None:
-    from aiokafka import AIOKafkaProducer
-
     # One record per batch, as the worker writes on Tansu: ListOffsets then reports the true end.
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=0, max_batch_size=1)
-    await producer.start()
-    try:
-        futures = []
-        for p, key, value in records:
-            futures.append(await producer.send(S.kafka.changelog_topic(WINDOWS_TABLE), value, key=key, partition=p))
-            if len(futures) >= 2000:
-                await asyncio.gather(*futures)
-                futures.clear()
-        await asyncio.gather(*futures)
-    finally:
-        await producer.stop()
+    await publish(bootstrap, S.kafka.changelog_topic(WINDOWS_TABLE), [(k, v) for _, k, v in records],
+                  partitions=[p for p, _, _ in records], acks=1, linger_ms=0, max_batch_size=1)
 
 
 def start_once(bootstrap: str, data_dir: Path, qdrant: Path, store: str, probe: str, args: argparse.Namespace,
@@ -166,11 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--users", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--stores", default="memory,rocksdb")
-    ap.add_argument("--backend", default="llamacpp", choices=["transformers", "llamacpp"])
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--set", action="append", default=[], metavar="SLIMSTREAM_X=V", help="extra worker setting")
+    add_worker_args(ap, backend="llamacpp", max_new_tokens=64, data_dir=ROOT / ".slimstream" / "live-replay")
     ap.add_argument("--timeout", type=float, default=900.0)
-    ap.add_argument("--data-dir", type=Path, default=ROOT / ".slimstream" / "live-replay")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recovery.json")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="slimstream-recovery-"))

@@ -47,7 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.backlog import backlog_records, http_json, index_template, publish, say, worker_env  # noqa: E402
+from benchmarks.backlog import (  # noqa: E402
+    add_worker_args, backlog_records, http_json, index_template, publish, say, worker_env)
 from benchmarks.passthrough import OUT_TOPIC  # noqa: E402
 from streams.broker import EmbeddedBroker, free_port, stop_process  # noqa: E402
 from streams.settings import Settings  # noqa: E402
@@ -238,11 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixes", default="earliest,spread")
     ap.add_argument("--kinds", default="passthrough,worker,2 workers")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--backend", default="llamacpp", choices=["transformers", "llamacpp"])
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--set", action="append", default=[], metavar="SLIMSTREAM_X=V", help="extra worker setting")
+    add_worker_args(ap, backend="llamacpp", max_new_tokens=64, data_dir=ROOT / ".slimstream" / "live-replay")
     ap.add_argument("--timeout", type=float, default=600.0)
-    ap.add_argument("--data-dir", type=Path, default=ROOT / ".slimstream" / "live-replay")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "window_path.json")
     args = ap.parse_args(argv)
     kinds = args.kinds.split(",")
