@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from agents.recommend import build_recommendations
 from agents.runtime import DeadlineExceeded
 from agents.state import owned_partitions, runtime
-from models.prompts import build_slim_messages, prompt_item
+from models.prompts import build_slim_messages, prompt_item, sanitize_generated_text
 from models.student_base import StudentError, postprocess_rationale
 from streams.app import app, recommendations_topic, windows
 from streams.events import RecommendationPath
@@ -107,7 +107,9 @@ async def _rationalise(states: list[WindowState]) -> None:
     runtime.latency["student_batch_s"].append(time.monotonic() - t0)
     log.info("student wrote %d rationales in %.1fs (backlog: %d users)", len(texts), time.monotonic() - t0,
              len(runtime.backlog))
-    rationales = [postprocess_rationale(t) for t in texts]
+    # Whatever the backend (a remote server may answer with anything), the text that is embedded, stored and
+    # published is the three steps, without chat markers or controls, and at most rationale_max_chars long.
+    rationales = [sanitize_generated_text(postprocess_rationale(t), s.student.rationale_max_chars) for t in texts]
     vectors = await runtime.encode(rationales)
     fresh = {}
     for state, text, vec in zip(states, rationales, vectors):

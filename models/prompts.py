@@ -93,6 +93,54 @@ def sanitize_item_text(text: str, max_len: int = 120) -> str:
     return text
 
 
+def _strip_output_controls(text: str) -> str:
+    """Like :func:`_strip_controls`, but line breaks survive: a rationale is multi-line (one step per line)."""
+    out = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if ch == "\n":
+            out.append(ch)
+        elif cat in ("Cc", "Zl", "Zp"):
+            out.append(" ")
+        elif cat in ("Cf", "Cs", "Co", "Cn"):
+            continue
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def sanitize_generated_text(text: str, max_chars: int = 2000) -> str:
+    """A model's answer made safe to embed, publish and show: at most ``max_chars`` characters.
+
+    What a model writes is data for whoever reads the recommendation, and a model can be made to echo what
+    its prompt carried (an item title that spells ``<|im_start|>``) or a remote server can answer with
+    anything. Chat-template markers and control characters (line breaks kept, at most one blank line) are
+    removed; a long answer is cut at its last sentence or line end within the limit, else at a word.
+    """
+    if max_chars < 1:
+        raise ValueError("max_chars must be >= 1")
+    text = _strip_output_controls(unicodedata.normalize("NFKC", str(text)))
+    for _ in range(10):
+        before = text
+        text = _SPECIAL_TOKEN.sub(" ", text)
+        text = _OTHER_MARKERS.sub(" ", text)
+        text = _TOKEN_FRAGMENT.sub(" ", text)
+        if text == before:
+            break
+    text = re.sub(r"[^\S\n]+", " ", text)
+    text = re.sub(r" *\n *", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text).strip()
+    if len(text) > max_chars:
+        head = text[:max_chars]
+        ends = [m.end() for m in re.finditer(r"[.!?\u2026](?=\s|$)|\n", head)]
+        cut = max(ends, default=0)
+        if cut < max_chars // 2:
+            space = head.rfind(" ")
+            cut = space if space >= max_chars // 2 else max_chars
+        text = head[:cut].strip()
+    return text
+
+
 @dataclass(frozen=True)
 class PromptItem:
     """One interaction of the window as the LLM sees it."""
@@ -177,5 +225,6 @@ __all__ = [
     "build_slim_messages",
     "format_item",
     "render_window",
+    "sanitize_generated_text",
     "sanitize_item_text",
 ]

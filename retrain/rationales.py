@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from models.prompts import PROMPT_VERSION, build_slim_messages, prompt_items
+from models.prompts import PROMPT_VERSION, build_slim_messages, prompt_items, sanitize_generated_text
 from models.openai_client import ChatClient
 from models.teacher import teacher_id as name_teacher
 from retrain.dataset import DATASET_FORMAT, RationaleRecord
@@ -181,7 +181,8 @@ async def teacher_record(
         messages = build_slim_messages(prompt_items(w.window, item_ids, catalogue), window_size)
     texts = await teacher.complete(messages, n=samples, temperature=temperature, max_tokens=max_tokens,
                                    seed=(seed * 1_000_003 + w.user) % 2**31)
-    texts = [t.strip() for t in texts if t and t.strip()]
+    # The teacher's text becomes training data: markers and controls it echoed must not be learnt.
+    texts = [c for c in (sanitize_generated_text(t) for t in texts if t) if c]
     if not texts:
         return None
     vecs = await item_vecs()

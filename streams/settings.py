@@ -178,6 +178,8 @@ class StudentSettings(Section):
     threads: int = Field(1, ge=1, description="torch intra-op threads (2 spin-wait against each other on a busy 2-core box).")
     nice: int = Field(10, ge=0, le=19, description="OS priority offset of the worker's student threads: generation "
                       "(the slow path) yields the CPU to the window path; 0 keeps the worker's priority.")
+    rationale_max_chars: int = Field(2000, ge=64, le=100_000, description="Longest rationale the worker embeds, "
+                                     "stores and publishes (cut at a sentence); markers and controls are removed.")
     prompt_max_items: int = Field(20, ge=1, json_schema_extra=_env("SLIMSTREAM_PROMPT_MAX_ITEMS"),
                                   description="Window items shown to the LLM (student and teacher prompts).")
 
