@@ -29,6 +29,7 @@ from pydantic import ValidationError
 from agents.state import runtime
 from streams.app import app, settings
 from streams.events import ModelUpdate
+from streams.kafka_auth import client_options
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class ModelUpdateListener(Service):
         offsets: dict[TopicPartition, int] | None = None  # next offset per partition once positioned
         while not self.should_stop:
             consumer = AIOKafkaConsumer(
-                bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                **client_options(settings.kafka), group_id=None, enable_auto_commit=False,
                 auto_offset_reset="latest", client_id=f"{settings.kafka.app_id}-model-updates",
             )
             try:

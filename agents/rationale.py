@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import Sequence
 
+from agents.forget import window_alive
 from agents.recommend import build_recommendations
 from agents.runtime import DeadlineExceeded
 from agents.state import owned_partitions, runtime
@@ -113,6 +114,9 @@ async def _rationalise(states: list[WindowState]) -> None:
     vectors = await runtime.encode(rationales)
     fresh = {}
     for state, text, vec in zip(states, rationales, vectors):
+        if not window_alive(state):
+            runtime.metrics["rationales_forgotten"] += 1  # the user was forgotten while the student wrote
+            continue
         payload = {
             "user_id": state.user_id,
             "rationale": text,
@@ -129,7 +133,7 @@ async def _rationalise(states: list[WindowState]) -> None:
         fresh[state.user_id] = (vec, payload)
     # Recommend for the newest windows: they may have moved on while the student was thinking, in which case
     # the message says the rationale is not current (and the user is already back in the backlog).
-    current = [_current_state(st.user_id) or st for st in states if st.user_id in fresh]
+    current = [cur for cur in (_current_state(st.user_id) for st in states if st.user_id in fresh) if cur]
     for rec in await build_recommendations(runtime, current, RecommendationPath.slow, fresh):
         await recommendations_topic.send(key=rec.user_id.encode(), value=rec.model_dump_json().encode())
         runtime.observe_recommendation(rec)

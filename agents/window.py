@@ -33,10 +33,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from agents.forget import forget_in_stream
 from agents.recommend import build_recommendations
 from agents.state import runtime
 from streams.app import app, dead_letter_topic, interactions_topic, recommendations_topic, windows
-from streams.events import DeadLetter, EventLimits, InvalidEvent, RecommendationPath, dead_letter_key, parse_event
+from streams.events import (DeadLetter, EventLimits, ForgetUser, InvalidEvent, RecommendationPath, dead_letter_key,
+                            parse_record)
 from streams.window import WindowState, apply_event, is_duplicate
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,7 @@ class FastPathBatch:
         # user -> (the newest applied window, the context of the event that made it): not yet in the table
         self.unwritten: dict[str, tuple[WindowState, contextvars.Context]] = {}
         self._pending = asyncio.Event()
-        self._lock = asyncio.Lock()  # batches are answered in order: a user's v7 never goes out before v5
+        self.lock = asyncio.Lock()  # batches are answered in order: a user's v7 never goes out before v5
 
     def add(self, event: Any, state: WindowState | None = None, applied: tuple[str, str] | None = None) -> None:
         """``applied``: ``state`` is new (the event was applied) and must reach the table; otherwise ``state``
@@ -73,6 +75,12 @@ class FastPathBatch:
             assert state is not None
             self.unwritten[state.user_id] = (state, contextvars.copy_context())
         self._pending.set()
+
+    def drop(self, user_id: str) -> None:
+        """Forget the user's pending window and answer (a forget control record came in this batch)."""
+        self.unwritten.pop(user_id, None)
+        self.states.pop(user_id, None)
+        self.applied = [pair for pair in self.applied if pair[0] != user_id]
 
     def newest(self, user_id: str) -> WindowState | None:
         """The user's window applied in this batch and not yet written to the table, if any."""
@@ -98,7 +106,7 @@ class FastPathBatch:
             await self.answer()
 
     async def answer(self) -> None:
-        async with self._lock:
+        async with self.lock:
             states, applied, events = self.states, self.applied, self.events
             self.states, self.applied, self.events = {}, [], []
             self.write_windows()  # before any await: the next event for these users reads the table
@@ -166,7 +174,7 @@ async def window_agent(stream):  # type: ignore[no-untyped-def]
 async def _handle(event: Any, batch: FastPathBatch, limits: EventLimits) -> None:
     msg = event.message
     try:
-        ev = parse_event(event.value, limits)
+        ev = parse_record(event.value, limits)
     except InvalidEvent as exc:
         await _dead_letter(event, str(exc))
         batch.add(event)
@@ -178,6 +186,10 @@ async def _handle(event: Any, batch: FastPathBatch, limits: EventLimits) -> None
         # wrong partition. Re-publish it under its user_id instead of losing or misfiling it.
         runtime.metrics["rekeyed"] += 1
         await interactions_topic.send(key=ev.user_id.encode(), value=event.value)
+        batch.add(event)
+        return
+    if isinstance(ev, ForgetUser):
+        await forget_in_stream(ev.user_id, batch)
         batch.add(event)
         return
 

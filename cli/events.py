@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -13,6 +14,7 @@ from rich.console import Console
 from rich.panel import Panel
 
 from cli.base import cli, console, fail, load_settings
+from streams.kafka_auth import client_options
 from streams.settings import Settings
 
 
@@ -84,7 +86,7 @@ async def _tail(settings: Settings, from_beginning: bool, as_json: bool, limit: 
 
     from streams.events import Recommendation
 
-    consumer = AIOKafkaConsumer(settings.kafka.topic_recommendations, bootstrap_servers=settings.kafka.bootstrap_servers,
+    consumer = AIOKafkaConsumer(settings.kafka.topic_recommendations, **client_options(settings.kafka),
                                 auto_offset_reset="earliest" if from_beginning else "latest",
                                 enable_auto_commit=False, group_id=None)
     try:
@@ -95,7 +97,10 @@ async def _tail(settings: Settings, from_beginning: bool, as_json: bool, limit: 
     n = 0
     try:
         async for msg in consumer:
-            if as_json:
+            if msg.value is None:  # tombstone: the user was forgotten (slimstream forget)
+                key = msg.key.decode("utf-8", "replace") if msg.key else ""
+                print(json.dumps({"user_id": key, "forgotten": True}) if as_json else f"{key}: forgotten", flush=True)
+            elif as_json:
                 print(msg.value.decode(), flush=True)
             else:
                 show_recommendation(Recommendation.model_validate_json(msg.value))

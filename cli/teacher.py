@@ -79,6 +79,7 @@ def teacher_rationales(
     from models.encoder import load_encoder
     from models.openai_client import ChatError
     from models.teacher import open_teacher
+    from retrain.forget import ForgetLedger
     from retrain.rationales import generate_rationales
 
     for name, value in (("--users", users), ("--samples", samples), ("--window-size", window_size),
@@ -98,6 +99,7 @@ def teacher_rationales(
         async with open_teacher(settings) as teacher:
             return await generate_rationales(
                 source, teacher=teacher, encoder=encoder, out_dir=out_dir, dataset_version=version, n_users=users,
+                ledger=ForgetLedger.for_settings(settings),
                 samples=samples, window_size=window_size or settings.worker.window_size, n_targets=targets, seed=seed,
                 temperature=temperature, max_tokens=max_tokens,
                 progress=lambda done, total: progress.update(task, completed=done, total=total))

@@ -14,6 +14,7 @@ import typer
 from cli.base import cli, console, fail, load_settings, progress_bar
 from cli.deploy import index_source
 from cli.events import show_recommendation
+from streams.kafka_auth import client_options
 from streams.settings import Settings
 
 
@@ -111,7 +112,7 @@ async def _replay_and_show(settings: Settings, users: int, rate: float, max_even
     events = sample_replay(settings.data.dataset, users, max_events, seed)
     final_version = dict(Counter(ev.user_id for ev in events))  # distinct events: window version = count
     explained: set[str] = set()
-    consumer = AIOKafkaConsumer(settings.kafka.topic_recommendations, bootstrap_servers=settings.kafka.bootstrap_servers,
+    consumer = AIOKafkaConsumer(settings.kafka.topic_recommendations, **client_options(settings.kafka),
                                 auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
     await consumer.start()
     producer = await start_producer(settings)
@@ -123,6 +124,8 @@ async def _replay_and_show(settings: Settings, users: int, rate: float, max_even
 
             async def show() -> None:
                 async for msg in consumer:
+                    if msg.value is None:  # a forgotten user's tombstone
+                        continue
                     rec = Recommendation.model_validate_json(msg.value)
                     stats[rec.path.value] += 1
                     if rec.path.value == "slow":

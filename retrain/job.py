@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from retrain.context import CycleResult, Progress, Publish, drift_reason_json
 from retrain.cycle import run_cycle
+from retrain.forget import ForgetLedger
 from retrain.recent import RetrainState, load_recent_from_dataset, load_recent_from_kafka
 from streams.datasets import load_items
 from streams.registry import ModelRegistry
@@ -83,7 +84,7 @@ def _retrain_locked(settings: Settings, registry: ModelRegistry, *, data: str | 
     state = RetrainState.for_registry(registry)
     cap = max_events or settings.retrain.max_events
     if data is not None:
-        recent = load_recent_from_dataset(data, state, cap)
+        recent = load_recent_from_dataset(data, state, cap, ForgetLedger.for_settings(settings))
     else:
         recent = asyncio.run(load_recent_from_kafka(settings, state, cap))
     catalogue = load_items(data if data is not None else settings.data.dataset)

@@ -36,6 +36,7 @@ from models.prompts import PROMPT_VERSION, build_slim_messages, prompt_items, sa
 from models.openai_client import ChatClient
 from models.teacher import teacher_id as name_teacher
 from retrain.dataset import DATASET_FORMAT, RationaleRecord
+from retrain.forget import ForgetLedger
 from streams.splits import TrainingData, leave_one_out
 from streams.datasets import Item, item_text, load_interactions, load_items
 
@@ -260,6 +261,7 @@ async def generate_rationales(
     max_tokens: int | None = None,
     concurrency: int | None = None,
     progress: Progress | None = None,
+    ledger: ForgetLedger | None = None,
 ) -> RationaleJobResult:
     """Write outcome-filtered rationales for ``n_users`` seeded users of ``data`` (see the module docstring).
     Raises ValueError for bad parameters or a dataset version made with other parameters, and the teacher's
@@ -291,6 +293,8 @@ async def generate_rationales(
     windows = build_windows(train, users, window_size, n_targets)
     done_users = _existing_users(path)
     todo = [w for w in windows if train.user_ids[w.user] not in done_users]
+    if ledger is not None:  # forgotten users never reach the teacher again (they count as skipped)
+        todo = ledger.keep(todo, lambda w: train.user_ids[w.user])
     skipped = len(windows) - len(todo)
     total = len(windows)
     if progress:

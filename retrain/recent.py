@@ -14,7 +14,9 @@ from typing import Any, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from retrain.forget import ForgetLedger, drop_forgotten
 from streams.datasets import load_interactions
+from streams.kafka_auth import client_options
 from streams.registry import ModelRegistry, utc_now, write_text_atomic
 from streams.settings import Settings
 
@@ -51,6 +53,7 @@ class DataWindow(BaseModel):
     )
     skipped_older: int = Field(0, description="Read but older than the most recent retrain_max_events: not used.")
     invalid: int = Field(0, description="Records that were not valid InteractionEvents.")
+    forgotten_users: int = Field(0, description="Forget records read: those users' earlier events were dropped.")
 
     @classmethod
     def of_events(cls, events: Sequence[Any], source: str = "events") -> DataWindow:
@@ -122,9 +125,11 @@ def dataset_source_key(data: str) -> str:
 
 
 
-def load_recent_from_dataset(data: str, state: RetrainState, max_events: int) -> RecentEvents:
+def load_recent_from_dataset(data: str, state: RetrainState, max_events: int,
+                             ledger: ForgetLedger | None = None) -> RecentEvents:
     """The dataset as one log in time order (ties: file order): the events after the stored offset, or the
-    last ``max_events`` on the first cycle; at most the ``max_events`` most recent are used."""
+    last ``max_events`` on the first cycle; at most the ``max_events`` most recent are used. Users in the
+    forget ``ledger`` are left out (a dataset has no order against the forget: all their events go)."""
     source = dataset_source_key(data)
     inter = load_interactions(data)
     order = sorted(range(len(inter)), key=lambda i: (inter[i].timestamp, i))
@@ -134,6 +139,8 @@ def load_recent_from_dataset(data: str, state: RetrainState, max_events: int) ->
     events = [RecentEvent(inter[i].user_id, inter[i].item_id, inter[i].timestamp, inter[i].rating,
                           "rating" if inter[i].rating is not None else "view", 0, pos)
               for pos, i in enumerate(order[start:], start=start)]
+    if ledger is not None:
+        events = ledger.keep(events)
     events, older = _sort_and_cap(events, max_events)
     ts = [e.timestamp for e in events]
     window = DataWindow(source=source, events=len(events), first_timestamp=min(ts) if ts else None,
@@ -151,11 +158,11 @@ async def load_recent_from_kafka(settings: Settings, state: RetrainState, max_ev
     Tansu the reported end offset can lag the log end; reading on to an empty poll covers that)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from streams.events import InteractionEvent
+    from streams.events import ForgetUser, InteractionEvent, is_control
 
     topic = settings.kafka.topic_interactions
     source = f"kafka:{topic}"
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None,
+    consumer = AIOKafkaConsumer(**client_options(settings.kafka), group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="earliest")
     await consumer.start()
     try:
@@ -173,13 +180,23 @@ async def load_recent_from_kafka(settings: Settings, state: RetrainState, max_ev
             consumer.seek(tp, s)
             start[tp.partition] = s
         events: list[RecentEvent] = []
-        invalid = 0
+        invalid = forgotten = 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
             batch = await consumer.getmany(timeout_ms=int(idle_s * 1000), max_records=5000)
             for tp, msgs in batch.items():
                 for m in msgs:
+                    if is_control(m.value):
+                        try:
+                            forget = ForgetUser.model_validate_json(m.value)
+                        except ValueError:
+                            invalid += 1
+                            continue
+                        # In log order: every event of the user read so far came before the forget.
+                        events = drop_forgotten(events, forget.user_id)
+                        forgotten += 1
+                        continue
                     try:
                         ev = InteractionEvent.model_validate_json(m.value)
                     except ValueError:
@@ -202,7 +219,7 @@ async def load_recent_from_kafka(settings: Settings, state: RetrainState, max_ev
     window = DataWindow(source=source, events=len(events), first_timestamp=min(ts) if ts else None,
                         last_timestamp=max(ts) if ts else None,
                         offsets={p: {"start": start[int(p)], "end": o} for p, o in nxt.items()},
-                        skipped_older=older, invalid=invalid)
+                        skipped_older=older, invalid=invalid, forgotten_users=forgotten)
     return RecentEvents(events, window, nxt)
 
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from retrain.context import CycleResult
+from streams.kafka_auth import client_options
 from streams.settings import Settings
 
 log = logging.getLogger("retrain.cycle")
@@ -60,7 +61,7 @@ async def watch_drift(settings: Settings, on_decision: Callable[[Any], None],
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     topic = drift_topic_name(settings)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None,
+    consumer = AIOKafkaConsumer(**client_options(settings.kafka), group_id=None,
                                 enable_auto_commit=False)
     await consumer.start()
     try:

@@ -10,6 +10,7 @@ import functools
 
 import faust
 
+from streams.kafka_auth import faust_credentials
 from streams.settings import Settings
 from streams.topics import WINDOWS_TABLE
 
@@ -46,6 +47,7 @@ def create_app(settings: Settings) -> faust.App:
     return faust.App(
         settings.kafka.app_id,
         broker=broker_url(settings.kafka.bootstrap_servers),
+        broker_credentials=faust_credentials(settings.kafka),  # TLS / SASL, as every other client (kafka_auth)
         store=f"{settings.worker.table_store}://",  # memory: rebuilt from the changelog; rocksdb: kept on disk
         datadir=str(settings.data.data_dir / "faust"),  # Faust's own scratch dir; not ./<app_id>-data in the cwd
         processing_guarantee="at_least_once",  # Tansu has no InitProducerId; effects are idempotent instead

@@ -58,9 +58,13 @@ def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float) -> None:
 class EmbeddedBroker:
     """Start/stop a Tansu broker on loopback. Use as a context manager."""
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", log_path: Path | None = None) -> None:
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", log_path: Path | None = None,
+                 advertised_port: int | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)
+        # Another port to advertise in metadata: a TLS or SASL front (Tansu 0.6.0 has neither that works)
+        # relays to this one, and clients must come back through it.
+        self.advertised_port = advertised_port or self.port
         self.log_path = log_path
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -72,7 +76,8 @@ class EmbeddedBroker:
         url = f"tcp://{self.host}:{self.port}"
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self._proc = subprocess.Popen(
-            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            [str(tansu_binary()), "broker", "--listener-url", url,
+             "--advertised-listener-url", f"tcp://{self.host}:{self.advertised_port}",
              "--storage-engine", "memory://tansu/"],
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -149,6 +149,10 @@ class OnlineHitRate:
             self._last.popitem(last=False)
             self.evicted_users += 1
 
+    def forget(self, user_id: str) -> None:
+        """Drop the user's recommendation on record (the user asked to be forgotten)."""
+        self._last.pop(user_id, None)
+
     def observe(self, user_id: str, item_id: str) -> bool | None:
         """Judge one interaction: True/False, or None when the user has no recommendation on record."""
         last = self._last.get(user_id)
@@ -428,6 +432,10 @@ class DriftMonitor:
         given, else ``rationale_model_version``: the student whose rationale the items were retrieved with."""
         version = _get(rec, "model_version") or _get(rec, "rationale_model_version")
         self.hit_rate.record_recommendation(str(_get(rec, "user_id")), _get(rec, "items") or (), version)
+
+    def forget_user(self, user_id: str) -> None:
+        """Nothing per user stays behind: only the hit-rate judge keeps anything keyed by user."""
+        self.hit_rate.forget(user_id)
 
     def on_rationale(self, embedding: Any) -> None:
         """The embedding of one newly written rationale."""

@@ -183,6 +183,19 @@ class ModelUpdate(BaseModel):
     published_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
 
 
+class ForgetUser(BaseModel):
+    """A control record on the interactions topic, keyed by ``user_id`` like the user's events: delete what the
+    stream keeps about the user. Keyed so that it lands on the user's partition after every event sent
+    before it: the worker applies it in order (the window gets a changelog tombstone, the rationale point is
+    deleted), and a retrain cycle that reads it drops the user's earlier events. ``slimstream forget`` sends it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    control: Literal["forget"] = Field(description="The control verb; only 'forget' exists.")
+    user_id: NonEmptyId
+    requested_at: float | None = Field(None, ge=0, le=MAX_TIMESTAMP, description="Epoch seconds of the request.")
+
+
 def describe_validation_error(exc: ValidationError) -> str:
     """``field: message; ...``: short enough for a dead letter or a CLI line."""
     return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors())
@@ -258,6 +271,32 @@ def parse_event(value: bytes | None, limits: EventLimits, now: float | None = No
     return event
 
 
+def is_control(value: bytes | None) -> bool:
+    """Whether a record claims to be a control record (a top-level "control" field); cheap, before parsing."""
+    return value is not None and b'"control"' in value
+
+
+def parse_record(value: bytes | None, limits: EventLimits, now: float | None = None) -> InteractionEvent | ForgetUser:
+    """An interaction event or a control record (:class:`ForgetUser`); :class:`InvalidEvent` saying why not."""
+    if not is_control(value):
+        return parse_event(value, limits, now)
+    if isinstance(limits, int):
+        limits = EventLimits(max_bytes=limits)
+    assert value is not None
+    if len(value) > limits.max_bytes:
+        raise InvalidEvent(f"payload too large: {len(value)} bytes > {limits.max_bytes}")
+    try:
+        return ForgetUser.model_validate_json(value, strict=True)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False)
+        if any(e["type"] in ("json_invalid", "model_type") or (e["type"] == "missing" and e["loc"] == ("control",))
+               for e in errors):
+            # Not JSON, not an object, or no top-level "control" (the bytes were inside a value, e.g. an item
+            # called "control"): an interaction event or its own error.
+            return parse_event(value, limits, now)
+        raise InvalidEvent(f"invalid control record: {describe_validation_error(exc)}") from None
+
+
 def _event_error(exc: ValidationError) -> str:
     errors = exc.errors(include_url=False)
     first = errors[0] if errors else {}
@@ -282,11 +321,13 @@ SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "DeadLetter": DeadLetter,
     "ModelUpdate": ModelUpdate,
     "DriftDecision": DriftDecision,
+    "ForgetUser": ForgetUser,
 }
 
 __all__ = [
     "DeadLetter",
     "EventLimits",
+    "ForgetUser",
     "InteractionEvent",
     "InvalidEvent",
     "ModelUpdate",
@@ -296,5 +337,7 @@ __all__ = [
     "SCHEMA_MODELS",
     "WindowItem",
     "dead_letter_key",
+    "is_control",
     "parse_event",
+    "parse_record",
 ]

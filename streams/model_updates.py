@@ -12,6 +12,7 @@ import asyncio
 from typing import TYPE_CHECKING, Literal
 
 from streams.events import ModelUpdate
+from streams.kafka_auth import client_options
 from streams.settings import Settings
 
 if TYPE_CHECKING:
@@ -51,7 +52,7 @@ async def publish_model_update(settings: Settings, update: ModelUpdate, *, conne
 
     # An unknown topic would be auto-created by Tansu with 4 partitions; create it as declared instead.
     await ensure_topics(settings, timeout=connect_timeout_s, names={settings.kafka.topic_model_updates})
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all",
+    producer = AIOKafkaProducer(**client_options(settings.kafka), acks="all",
                                 request_timeout_ms=int(max(connect_timeout_s, 10.0) * 1000))
     try:
         await producer.start()

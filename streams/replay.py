@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaProducer
 from pydantic import ValidationError
 
 from streams.events import InteractionEvent, describe_validation_error
+from streams.kafka_auth import client_options
 from streams.settings import Settings
 
 
@@ -83,7 +84,7 @@ def _validate(data: dict) -> InteractionEvent | str:
 
 
 async def start_producer(settings: Settings) -> AIOKafkaProducer:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka.bootstrap_servers, acks="all", linger_ms=5)
+    producer = AIOKafkaProducer(**client_options(settings.kafka), acks="all", linger_ms=5)
     await producer.start()
     return producer
 

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 
 class SettingsError(ValueError):
@@ -47,11 +47,21 @@ class Section(BaseModel):
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         source: dict[str, str] = {}
-        for name in cls.model_fields:
+        for name, info in cls.model_fields.items():
+            secret = _is_secret(info.annotation)
             for var in cls.env_vars(name):
                 raw = env.get(var)
                 if raw is not None and raw.strip():
-                    values[name], source[name] = raw, f"{var}={raw!r}"
+                    values[name], source[name] = raw, f"{var}=" + ("'**********'" if secret else repr(raw))
+                    break
+                file = env.get(f"{var}_FILE") if secret else None
+                if file is not None and file.strip():
+                    # Docker / Kubernetes secrets: the value lives in a file, never in the environment.
+                    try:
+                        values[name] = Path(file).read_text(encoding="utf-8").rstrip("\r\n")
+                    except OSError as exc:
+                        raise SettingsError(f"{var}_FILE={file!r}: cannot read it ({exc.strerror})") from None
+                    source[name] = f"{var}_FILE={file!r}"
                     break
         try:
             return cls.model_validate({**values, **overrides})
@@ -62,6 +72,10 @@ class Section(BaseModel):
                 where = source.get(field, field) if field not in overrides else field
                 problems.append(f"{where}: {err['msg']}")
             raise SettingsError("; ".join(problems)) from None
+
+
+def _is_secret(annotation: Any) -> bool:
+    return annotation is SecretStr or SecretStr in getattr(annotation, "__args__", ())
 
 
 def _env(*names: str) -> dict[str, Any]:
@@ -93,6 +107,39 @@ class KafkaSettings(Section):
     broker_session_timeout_s: float = 10.0
     broker_rebalance_timeout_s: float = 10.0
     broker_heartbeat_interval_s: float = 1.0
+    # Security (streams/kafka_auth.py), the librdkafka/Kafka names: every client the project opens (the worker,
+    # the CLI, the retrain job) uses them. Secrets also come from files: <VAR>_FILE (Docker/Kubernetes secrets).
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT", json_schema_extra=_env("SLIMSTREAM_KAFKA_SECURITY_PROTOCOL"),
+        description="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.")
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = Field(
+        "PLAIN", json_schema_extra=_env("SLIMSTREAM_KAFKA_SASL_MECHANISM"))
+    sasl_username: str | None = Field(None, json_schema_extra=_env("SLIMSTREAM_KAFKA_SASL_USERNAME"))
+    sasl_password: SecretStr | None = Field(
+        None, json_schema_extra=_env("SLIMSTREAM_KAFKA_SASL_PASSWORD"),
+        description="Never logged or shown; or SLIMSTREAM_KAFKA_SASL_PASSWORD_FILE.")
+    ssl_cafile: str | None = Field(None, json_schema_extra=_env("SLIMSTREAM_KAFKA_SSL_CAFILE"),
+                                   description="CA bundle that signed the brokers' certificates (default: the system's).")
+    ssl_certfile: str | None = Field(None, json_schema_extra=_env("SLIMSTREAM_KAFKA_SSL_CERTFILE"),
+                                     description="Client certificate (mutual TLS), with ssl_keyfile.")
+    ssl_keyfile: str | None = Field(None, json_schema_extra=_env("SLIMSTREAM_KAFKA_SSL_KEYFILE"))
+    ssl_key_password: SecretStr | None = Field(
+        None, json_schema_extra=_env("SLIMSTREAM_KAFKA_SSL_KEY_PASSWORD"))
+    ssl_check_hostname: bool = Field(True, json_schema_extra=_env("SLIMSTREAM_KAFKA_SSL_CHECK_HOSTNAME"),
+                                     description="Verify that the broker's certificate names its host.")
+
+    @model_validator(mode="after")
+    def _security_is_complete(self) -> KafkaSettings:
+        if self.security_protocol.startswith("SASL") and not (self.sasl_username and self.sasl_password):
+            raise ValueError(f"security_protocol {self.security_protocol} needs SLIMSTREAM_KAFKA_SASL_USERNAME and "
+                             "SLIMSTREAM_KAFKA_SASL_PASSWORD (or SLIMSTREAM_KAFKA_SASL_PASSWORD_FILE)")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("SLIMSTREAM_KAFKA_SSL_CERTFILE and SLIMSTREAM_KAFKA_SSL_KEYFILE go together")
+        for name in ("ssl_cafile", "ssl_certfile", "ssl_keyfile"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        return self
 
     def changelog_topic(self, table: str) -> str:
         return f"{self.app_id}-{table}-changelog"
@@ -224,7 +271,8 @@ class EncoderSettings(Section):
 
 class QdrantSettings(Section):
     url: str | None = Field(None, json_schema_extra=_env("QDRANT_URL", "SLIMSTREAM_QDRANT_URL"))
-    api_key: str | None = Field(None, json_schema_extra=_env("QDRANT_API_KEY", "SLIMSTREAM_QDRANT_API_KEY"))
+    api_key: SecretStr | None = Field(None, json_schema_extra=_env("QDRANT_API_KEY", "SLIMSTREAM_QDRANT_API_KEY"),
+                                      description="Never logged or shown; or QDRANT_API_KEY_FILE.")
     path: str | None = Field(
         None, json_schema_extra=_env("QDRANT_PATH", "SLIMSTREAM_QDRANT_PATH"),
         description="Qdrant local-mode directory; default <data_dir>/qdrant. Ignored when QDRANT_URL is set.",
@@ -344,6 +392,14 @@ class Settings(BaseModel):
         for name, section in SECTIONS.items():
             for field in section.model_fields:
                 yield name, field, section.env_vars(field)
+
+    @classmethod
+    def secret_file_env_names(cls) -> Iterator[str]:
+        """``<VAR>_FILE`` of every secret setting: where a secret may be read from instead of the environment."""
+        for name, section in SECTIONS.items():
+            for field, info in section.model_fields.items():
+                if _is_secret(info.annotation):
+                    yield from (f"{var}_FILE" for var in section.env_vars(field))
 
     @property
     def qdrant_path(self) -> Path:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, TopicAlreadyExistsError
 
+from streams.kafka_auth import client_options
 from streams.settings import Settings
 
 WINDOWS_TABLE = "windows"
@@ -52,7 +53,7 @@ async def ensure_topics(settings: Settings, timeout: float = 30.0,
     """Create missing topics (all of the app's, or only ``names``); fail loudly if an existing one has the
     wrong partition count. Raises ``KafkaConnectionError`` when no broker answers within ``timeout``."""
     specs = [s for s in topic_specs(settings) if names is None or s.name in names]
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka.bootstrap_servers, request_timeout_ms=10_000)
+    admin = AIOKafkaAdminClient(**client_options(settings.kafka), request_timeout_ms=10_000)
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         try:

@@ -172,7 +172,7 @@ def test_endpoints_point_at_services_that_listen_there(compose: dict, monkeypatc
     student_url = urlparse(s.student.url)
     vllm = svc["vllm"]
     assert student_url.hostname == "vllm"
-    assert any(str(p.get("target") if isinstance(p, dict) else p).split(":")[-1] == str(student_url.port)
+    assert any(str(p.get("target") if isinstance(p, dict) else p).split(":")[-1].split("/")[0] == str(student_url.port)
                for p in vllm["ports"]), "vLLM listens on 8000 inside its container"
     vcmd = vllm["command"]
     assert "--enable-lora" in vcmd and _env(vllm)["VLLM_ALLOW_RUNTIME_LORA_UPDATING"].lower() == "true"
@@ -272,3 +272,60 @@ def test_replay_publishes_the_seeded_sample_keyed_by_user(broker, tmp_path: Path
     assert len({b["user_id"] for b in bodies}) == 3
     bad = cli("replay", "--data", str(tmp_path / "nowhere"), env=env, timeout=300)
     assert bad.returncode == 2 and bad.stderr.startswith("slimstream: error: --data")
+
+
+def test_published_ports_bind_to_loopback_unless_configured(compose: dict) -> None:
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            host_ip = port.get("host_ip") if isinstance(port, dict) else str(port).rsplit(":", 2)[0]
+            assert host_ip == "127.0.0.1", f"{name} publishes {port} beyond the host's loopback"
+
+
+def test_the_secure_variant_authenticates_everything_with_secrets_from_files(tmp_path: Path, monkeypatch) -> None:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose not installed (scripts/install.sh installs Debian's where apt-get can)")
+    (tmp_path / "scripts").mkdir()
+    for name in ("docker-compose.yml", "docker-compose.secure.yml", "scripts/make-secrets.sh"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    subprocess.run(["bash", "scripts/make-secrets.sh"], cwd=tmp_path, check=True, capture_output=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLIMSTREAM_", "KAFKA_", "QDRANT_", "VLLM_"))}
+    out = subprocess.run([exe, "-f", "docker-compose.yml", "-f", "docker-compose.secure.yml", "config"], cwd=tmp_path,
+                         capture_output=True, text=True, env=env, timeout=60, check=True).stdout
+    resolved = yaml.safe_load(out)
+    files = {name: Path(spec["file"]) for name, spec in resolved["secrets"].items()}
+    secrets = {name: path.read_text().strip() for name, path in files.items()}
+    password, api_key = secrets["kafka_password"], secrets["qdrant_api_key"]
+    svc = resolved["services"]
+    allowed = _known_env_names() | set(Settings.secret_file_env_names())
+    image_env = _dockerfile_env()
+    for name in APP_SERVICES:
+        service_env = _env(svc[name])
+        assert not sorted(k for k in service_env if k not in allowed), name
+        assert not any(v and v in (password, api_key) for v in service_env.values()), f"{name}: a secret in its env"
+        mounted = {s["source"] if isinstance(s, dict) else s for s in svc[name].get("secrets", [])}
+        local = {}
+        for key, value in service_env.items():  # /run/secrets/<name> is where compose mounts secret <name>
+            if value.startswith("/run/secrets/"):
+                secret = value.removeprefix("/run/secrets/")
+                assert secret in mounted, f"{name}: {key} reads {secret}, which is not mounted"
+                value = str(files[secret])
+            local[key] = value
+        s = _settings_for({**{k: v for k, v in image_env.items() if k in _known_env_names()}, **local}, monkeypatch)
+        assert s.kafka.security_protocol == "SASL_SSL" and s.kafka.sasl_username == "slimstream"
+        assert s.kafka.sasl_password is not None and s.kafka.sasl_password.get_secret_value() == password
+        assert s.qdrant.api_key is not None and s.qdrant.api_key.get_secret_value() == api_key
+    kafka = _env(svc["kafka"])
+    listeners = dict(x.split(":", 1) for x in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    assert listeners[kafka["KAFKA_INTER_BROKER_LISTENER_NAME"]] == "SASL_SSL" and listeners["EXTERNAL"] == "SASL_SSL"
+    assert "PLAIN" in kafka["KAFKA_SASL_ENABLED_MECHANISMS"].split(",")
+    assert f'user_slimstream="{password}"' in secrets["kafka_jaas"]  # the broker admits the app's login
+    assert kafka["KAFKA_OPTS"].endswith("=/run/secrets/kafka_jaas")
+    # The broker's certificate is signed by the clients' CA and names the host they connect to.
+    cert = tmp_path / "cert.pem"
+    cert.write_text(secrets["kafka_keystore"][secrets["kafka_keystore"].index("-----BEGIN CERTIFICATE-----"):])
+    subprocess.run(["openssl", "verify", "-CAfile", str(files["ca"]), "-verify_hostname", "kafka", str(cert)],
+                   check=True, capture_output=True, timeout=30)
+    qdrant_config = next(Path(src) for target, src in _mounts(svc["qdrant"]).items()
+                         if target == "/qdrant/config/local.yaml")
+    assert yaml.safe_load(qdrant_config.read_text())["service"]["api_key"] == api_key

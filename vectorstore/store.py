@@ -74,7 +74,8 @@ class VectorStore:
         self.local = not settings.qdrant.url
         if settings.qdrant.url:
             self.location = settings.qdrant.url
-            self.client = QdrantClient(url=settings.qdrant.url, api_key=settings.qdrant.api_key)
+            key = settings.qdrant.api_key
+            self.client = QdrantClient(url=settings.qdrant.url, api_key=key.get_secret_value() if key else None)
         else:
             path = settings.qdrant_path
             path.mkdir(parents=True, exist_ok=True)
@@ -308,6 +309,21 @@ class VectorStore:
             models.PointStruct(id=user_point_id(user_id), vector=vec.tolist(), payload=dict(payload))
         ])
         return True
+
+    def delete_rationales(self, user_id: str) -> int:
+        """Delete every rationale point of ``user_id`` (its own point id and any point whose payload names the
+        user); returns how many there were. Forgetting a user must leave nothing behind, whatever wrote it."""
+        if not self.client.collection_exists(self.rationales_collection):
+            return 0
+        selector = models.Filter(must=[models.FieldCondition(key="user_id", match=models.MatchValue(value=user_id))])
+        found = {str(r.id) for r in self._retrieve(self.rationales_collection, [user_point_id(user_id)],
+                                                   with_payload=False, with_vectors=False)}
+        found |= {str(p.id) for p in self.client.scroll(self.rationales_collection, scroll_filter=selector,
+                                                         limit=10_000, with_payload=False)[0]}
+        if found:
+            self.client.delete(self.rationales_collection, wait=True,
+                               points_selector=models.PointIdsList(points=sorted(found)))
+        return len(found)
 
     def rationale_points(self) -> list[dict[str, Any]]:
         """Payloads of all stored rationales (for tests and operations)."""
