@@ -5,6 +5,10 @@ The window agent marks users in :attr:`Runtime.backlog` (one entry per user, how
 user's *newest* window, read from the table when its batch starts, so a burst of events for one user costs
 one student call, not one per event, and nothing the student does can hold up the window agent.
 
+A batch that fails (the student hangs past its deadline, errors, or the vector store is unreachable) puts its
+users back in the backlog after an exponential backoff (``student.retry_base_s`` .. ``retry_max_s``): they
+keep their fast-path answers meanwhile and are explained once the backend returns, without a new event.
+
 A user whose stored rationale is already at least as new as their window (by (epoch, version)) is skipped,
 and so is one whose partition this worker no longer owns (a rebalance moved it; its new owner sweeps it).
 
@@ -45,15 +49,47 @@ async def rationale_workers() -> None:
     await asyncio.gather(*(_loop() for _ in range(runtime.settings.student.concurrency)), _sweeper())
 
 
+class _Backoff:
+    """Consecutive failed rationale batches (student or store) -> how long their users wait before they are
+    asked again: ``retry_base_s`` doubling per failure up to ``retry_max_s``; one success resets it."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def failed(self, users: Sequence[str]) -> float:
+        s = runtime.settings.student
+        self.failures += 1
+        delay = min(s.retry_base_s * 2 ** (self.failures - 1), s.retry_max_s)
+        # Back to the backlog later, not now: the users keep their fast-path answers meanwhile, and the other
+        # users' requests (already in the backlog) go first.
+        asyncio.get_running_loop().call_later(delay, _ask_again, list(users))
+        runtime.metrics["rationale_retries_scheduled"] += len(users)
+        return delay
+
+    def succeeded(self) -> None:
+        self.failures = 0
+
+
+def _ask_again(users: list[str]) -> None:
+    for user_id in users:
+        if windows.get(user_id):  # not forgotten meanwhile
+            runtime.backlog.request(user_id)
+
+
+backoff = _Backoff()
+
+
 async def _loop() -> None:
     s = runtime.settings
     while True:
         users = await runtime.backlog.take_batch(s.student.batch_size, s.student.batch_wait_s)
         try:
             await _serve(users)
-        except Exception:  # the loop must outlive any one batch
+        except Exception:  # the loop must outlive any one batch (the vector store may be unreachable)
             runtime.metrics["rationale_errors"] += 1
-            log.exception("rationale batch for %d users failed; they keep the fast path", len(users))
+            delay = backoff.failed(users)
+            log.exception("rationale batch for %d users failed; they keep the fast path and are asked again "
+                          "in %.1fs", len(users), delay)
 
 
 async def _serve(users: Sequence[str]) -> None:
@@ -98,11 +134,15 @@ async def _rationalise(states: list[WindowState]) -> None:
     try:
         texts = await runtime.generate(prompts, student)
     except (DeadlineExceeded, StudentError) as exc:
-        # The fast path already served these users; their next event asks again.
+        # The fast path already served these users; they are asked again after a backoff (or sooner, by
+        # their next event), and the backlog's other users go first.
         if isinstance(exc, StudentError):
             runtime.metrics["student_errors"] += 1
-        log.warning("%s; users %s keep their previous rationale", exc, [st.user_id for st in states])
+        delay = backoff.failed([st.user_id for st in states])
+        log.warning("%s; users %s keep their previous rationale, asked again in %.1fs", exc,
+                    [st.user_id for st in states], delay)
         return
+    backoff.succeeded()
     runtime.metrics["student_calls"] += 1
     runtime.metrics["rationales_generated"] += len(texts)
     runtime.latency["student_batch_s"].append(time.monotonic() - t0)

@@ -43,6 +43,7 @@ from streams.window import WindowState, apply_event, is_duplicate
 
 log = logging.getLogger(__name__)
 ANSWER_RETRIES = (0.5, 1.0, 2.0)  # seconds between attempts to answer a batch (the store or broker hiccups)
+LATER_ANSWER_S, LATER_ANSWER_MAX_S = 2.0, 60.0  # then a later batch tries again, with this backoff
 
 
 class FastPathBatch:
@@ -61,6 +62,11 @@ class FastPathBatch:
         self.events: list[Any] = []
         # user -> (the newest applied window, the context of the event that made it): not yet in the table
         self.unwritten: dict[str, tuple[WindowState, contextvars.Context]] = {}
+        # Users whose answer was given up (the vector store or the broker was away): answered again with a
+        # later batch, after LATER_ANSWER_S doubling per failed round, without waiting for their next event.
+        self.later: dict[str, WindowState] = {}
+        self._later_due = 0.0
+        self._later_failures = 0
         self._pending = asyncio.Event()
         self.lock = asyncio.Lock()  # batches are answered in order: a user's v7 never goes out before v5
 
@@ -80,6 +86,7 @@ class FastPathBatch:
         """Forget the user's pending window and answer (a forget control record came in this batch)."""
         self.unwritten.pop(user_id, None)
         self.states.pop(user_id, None)
+        self.later.pop(user_id, None)
         self.applied = [pair for pair in self.applied if pair[0] != user_id]
 
     def newest(self, user_id: str) -> WindowState | None:
@@ -93,6 +100,14 @@ class FastPathBatch:
         unwritten, self.unwritten = self.unwritten, {}
         for state, ctx in unwritten.values():
             ctx.run(self._write, state)
+
+    def _answer_later(self, states: dict[str, WindowState]) -> None:
+        self.later.update(states)  # only the users matter: their newest window is read when it is their turn
+        self._later_failures += 1
+        wait = min(LATER_ANSWER_S * 2 ** (self._later_failures - 1), LATER_ANSWER_MAX_S)
+        self._later_due = time.monotonic() + wait
+        runtime.metrics["fast_path_answers_deferred"] += len(states)
+        asyncio.get_running_loop().call_later(wait, self._pending.set)
 
     @property
     def full(self) -> bool:
@@ -111,19 +126,30 @@ class FastPathBatch:
             self.states, self.applied, self.events = {}, [], []
             self.write_windows()  # before any await: the next event for these users reads the table
             self._pending.clear()
-            if not events:
+            retrying = bool(self.later) and time.monotonic() >= self._later_due
+            if retrying:
+                # Each waiting user's newest window (the table has it; a forgotten user has none).
+                waiting = {u: WindowState.model_validate(raw) for u in self.later if (raw := windows.get(u))}
+                states = {**waiting, **states}
+                self.later = {}
+            if not events and not retrying:
                 return
             t0 = time.monotonic()
             for delay in (*ANSWER_RETRIES, None):
                 try:
                     await _answer(list(states.values()), applied)
+                    self._later_failures = 0
+                    for user_id in states:  # answered now: an older deferred answer must not follow
+                        self.later.pop(user_id, None)
                     break
                 except Exception:
                     runtime.metrics["fast_path_errors"] += 1
                     if delay is None:
-                        # The windows are durable (changelog); these users get their next answer with their
-                        # next event or rationale. Holding the offsets would stop the partition for good.
-                        log.exception("fast path: giving up answering %d users; their windows are kept", len(states))
+                        # The windows are durable (changelog). Holding the offsets would stop the partition
+                        # for good: the events are acked, and these users are answered again later.
+                        self._answer_later(states)
+                        log.exception("fast path: answering %d users failed; their windows are kept and they "
+                                      "are answered again in %.1fs", len(states), self._later_due - time.monotonic())
                         break
                     log.warning("fast path: answering %d users failed; retrying in %.1fs", len(states), delay,
                                 exc_info=True)

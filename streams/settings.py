@@ -222,6 +222,9 @@ class StudentSettings(Section):
     batch_wait_s: float = Field(0.5, ge=0, description="How long to gather a batch of requests.")
     concurrency: int = Field(1, ge=1, description="Model calls in flight at once.")
     deadline_s: float = Field(120.0, gt=0, description="Give up on one rationale batch after this.")
+    retry_base_s: float = Field(2.0, gt=0, description="A failed rationale batch's users are asked again after "
+                                "this, doubling per consecutive failure up to retry_max_s.")
+    retry_max_s: float = Field(120.0, gt=0, description="Longest wait before a failed rationale is asked again.")
     threads: int = Field(1, ge=1, description="torch intra-op threads (2 spin-wait against each other on a busy 2-core box).")
     nice: int = Field(10, ge=0, le=19, description="OS priority offset of the worker's student threads: generation "
                       "(the slow path) yields the CPU to the window path; 0 keeps the worker's priority.")

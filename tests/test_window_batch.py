@@ -51,3 +51,81 @@ def test_a_duplicate_answered_again_is_not_written() -> None:
     assert batch.newest("u1") is None
     batch.write_windows()
     assert writes == []
+
+
+def test_answers_given_up_while_the_store_is_away_are_sent_once_it_is_back_without_a_new_event(monkeypatch) -> None:
+    """The vector store (a remote Qdrant here: it cannot run on this machine) refuses the first five answer
+    attempts: the event is acked anyway (its window is durable), and a later round answers the user's newest
+    window once the store answers again."""
+    from agents import window
+
+    calls: list[tuple[str, int]] = []
+    failures = {"left": 5}  # a round is 1 attempt + 3 retries: round 1 fails, round 2 fails once, then works
+
+    async def answer(states, applied) -> None:  # type: ignore[no-untyped-def]
+        calls.append(tuple((s.user_id, s.version) for s in states))
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise ConnectionError("qdrant: connection refused")
+
+    table: dict = {}
+    monkeypatch.setattr(window, "_answer", answer)
+    monkeypatch.setattr(window, "windows", table)
+    monkeypatch.setattr(window, "ANSWER_RETRIES", (0.01, 0.01, 0.01))
+    monkeypatch.setattr(window, "LATER_ANSWER_S", 0.05)
+    acked: list[str] = []
+
+    async def ack(event: str) -> None:
+        acked.append(event)
+
+    async def main() -> FastPathBatch:
+        batch = FastPathBatch(ack, max_events=100, wait_s=0.01,
+                              write=lambda st: table.__setitem__(st.user_id, st.model_dump(mode="json")))
+        runner = asyncio.ensure_future(batch.run())
+        batch.add("e0", _apply(None, "u1", "x", 0), ("u1", "x"))
+        await asyncio.sleep(0.4)
+        assert acked == ["e0"]  # not held: the partition goes on while the store is away
+        batch.add("e1", _apply(None, "u2", "y", 1), ("u2", "y"))  # another user, during the outage
+        await asyncio.sleep(0.6)
+        runner.cancel()
+        return batch
+
+    batch = asyncio.run(main())
+    assert calls[:5] == [(("u1", 1),)] * 5  # round 1 (4 attempts), then the deferred round's first attempt
+    answered = {pair for call in calls[5:] for pair in call}  # the calls that went through
+    assert answered == {("u1", 1), ("u2", 1)}
+    assert failures["left"] == 0 and not batch.later  # everyone answered once the store was back
+    assert acked == ["e0", "e1"]
+
+
+def test_a_deferred_answer_never_follows_a_newer_one(monkeypatch) -> None:
+    from agents import window
+
+    sent: list[tuple[str, int]] = []
+    down = {"on": True}
+
+    async def answer(states, applied) -> None:  # type: ignore[no-untyped-def]
+        if down["on"]:
+            raise ConnectionError("qdrant: connection refused")
+        sent.extend((s.user_id, s.version) for s in states)
+
+    table: dict = {}
+    monkeypatch.setattr(window, "_answer", answer)
+    monkeypatch.setattr(window, "windows", table)
+    monkeypatch.setattr(window, "ANSWER_RETRIES", ())
+    monkeypatch.setattr(window, "LATER_ANSWER_S", 0.3)
+
+    async def main() -> None:
+        batch = FastPathBatch(lambda e: asyncio.sleep(0), max_events=100, wait_s=0.01,
+                              write=lambda st: table.__setitem__(st.user_id, st.model_dump(mode="json")))
+        runner = asyncio.ensure_future(batch.run())
+        v1 = _apply(None, "u1", "x", 0)
+        batch.add("e0", v1, ("u1", "x"))
+        await asyncio.sleep(0.05)  # v1's answer failed and was deferred
+        down["on"] = False
+        batch.add("e1", _apply(v1, "u1", "z", 1), ("u1", "z"))  # v2 arrives and is answered at once
+        await asyncio.sleep(0.6)  # past the deferred round
+        runner.cancel()
+
+    asyncio.run(main())
+    assert sent == [("u1", 2)]  # v1 is never sent after v2
