@@ -101,3 +101,38 @@ def test_a_hung_then_dead_student_server_never_stalls_the_fast_path_and_rational
         server.stop()
     assert fast_s < 20, fast_s  # the hang did not hold the fast path (the student's deadline is 15 s)
     assert metrics["events_applied"] == 5 and metrics.get("handler_errors", 0) == 0
+
+
+def test_the_worker_reconnects_when_the_broker_comes_back_and_resumes(tmp_path: Path, data_dir: Path,
+                                                                      indexed_qdrant: Path) -> None:
+    """The broker goes away for 20 s and comes back on its address. Tansu's memory storage starts empty (a real
+    broker keeps its logs), so what is checked is the worker itself: alive and answering /healthz/ meanwhile,
+    consuming and answering new events once the broker is back, and stopping cleanly afterwards."""
+    broker = EmbeddedBroker(log_path=tmp_path / "broker1.log").start()
+    port = broker.port
+    worker = WorkerProcess(worker_env(broker, data_dir, indexed_qdrant), tmp_path / "worker.log").start()
+
+    def answered(user: str):  # type: ignore[no-untyped-def]
+        return lambda rs: any(json.loads(r.value)["user_id"] == user for r in rs if r.value)
+
+    try:
+        run(publish(broker.bootstrap_servers, S.kafka.topic_interactions, [event("b-1", "Toy Story (1995)", 1e6)]))
+        assert answered("b-1")(run(read_until(broker.bootstrap_servers, S.kafka.topic_recommendations,
+                                              answered("b-1"), 60)))
+        broker.stop()
+        time.sleep(20)
+        assert worker.get("/healthz/")["models_ready"]  # alive without a broker
+        broker = EmbeddedBroker(port=port, log_path=tmp_path / "broker2.log").start()
+        t0, resumed = time.monotonic(), None
+        for n in range(40):  # an event every few seconds until one is answered
+            run(publish(broker.bootstrap_servers, S.kafka.topic_interactions,
+                        [event("b-2", "Heat (1995)", 1e6 + n, event_id=f"b-2-{n}")]))
+            if answered("b-2")(run(read_until(broker.bootstrap_servers, S.kafka.topic_recommendations,
+                                              answered("b-2"), 3))):
+                resumed = time.monotonic() - t0
+                break
+        assert resumed is not None and resumed < 120, worker.log_tail()
+    finally:
+        code = worker.stop()
+        broker.stop()
+    assert code == 0
