@@ -2,9 +2,9 @@
 # The base-vs-distilled-student ablation of the trained SLIM models on ML-100k, end to end and resumable:
 #   1. the offline 1.5B teacher writes outcome-filtered rationales for USERS training users (resumable JSONL);
 #   2. the student is LoRA-distilled on them into registry version $VERSION (skipped when it exists);
-#   3. the harness trains and scores the ID-based and ID + text models with base and distilled rationales for
+#   3. the harness trains and scores the ID + text and the ID-based models with base and distilled rationales for
 #      every user (943 generations per student, cached under .slimstream/eval-rationales/; SASRec checkpoints
-#      resume), into reports/ml-100k-slim-distilled/.
+#      resume), one run per family: reports/ml-100k-slim-distilled-idtext/ and reports/ml-100k-slim-distilled-id/.
 # Measured here: ~28 s per teacher user (3 samples x 160 tokens, 2 idle cores), ~75 min for 943 student
 # rationales on one core, ~10-20 min per model: about 4 hours on this box with nothing else running.
 #   scripts/run-distilled-ablation.sh            # USERS=150 VERSION=ml100k-qwen15b by default
@@ -35,7 +35,14 @@ if [ ! -d ".slimstream/registry/$VERSION" ]; then
       --version "$VERSION"
 fi
 
-SLIMSTREAM_STUDENT_BACKEND=llamacpp SLIMSTREAM_STUDENT_THREADS=1 .venv/bin/slimstream evaluate --data ml-100k \
-    --methods popularity,item-knn,sasrec,slim-id-base,slim-id-distilled,slim-idtext-none,slim-idtext-base,slim-idtext-distilled \
-    --adapter ".slimstream/registry/$VERSION/adapter" --sample-users 0 --sasrec-epochs 100 --sasrec-minutes 30 \
-    --threads 1 --patience 10 --run ml-100k-slim-distilled
+# One harness run per model family (base vs distilled rationale, same run, same seed), so that each lands its
+# report as soon as it is done; the base-student rationales are cached and shared with the earlier reports.
+# RUNS="name:methods ..." overrides the two runs.
+RUNS=${RUNS:-"ml-100k-slim-distilled-idtext:popularity,slim-idtext-base,slim-idtext-distilled ml-100k-slim-distilled-id:popularity,slim-id-base,slim-id-distilled"}
+for spec in $RUNS; do
+  run=${spec%%:*}; methods=${spec#*:}
+  [ -f "reports/$run/results.json" ] && { echo "$run: done already (reports/$run)"; continue; }
+  SLIMSTREAM_STUDENT_BACKEND=llamacpp SLIMSTREAM_STUDENT_THREADS=1 .venv/bin/slimstream evaluate --data ml-100k \
+      --methods "$methods" --adapter ".slimstream/registry/$VERSION/adapter" --sample-users 0 --sasrec-epochs 100 \
+      --sasrec-minutes 30 --threads 1 --patience 10 --run "$run"
+done

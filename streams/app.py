@@ -7,6 +7,7 @@ in ``agents/`` import them and register themselves on import (``agents/__init__.
 from __future__ import annotations
 
 import functools
+import socket
 
 import faust
 
@@ -37,6 +38,17 @@ def _set_fetch_max_wait(ms: int) -> None:
     cls._create_worker_consumer = create  # type: ignore[method-assign]
 
 
+def web_url(settings: Settings) -> str:
+    """Where the other workers reach this one's web server (Faust's ``canonical_url``: the partition assignor
+    hands it out, and a request for a user owned elsewhere is proxied there). Faust's default, the host name,
+    does not reach a server bound to loopback."""
+    w = settings.worker
+    if w.web_url:
+        return w.web_url
+    host = socket.gethostname() if w.web_host in ("0.0.0.0", "::", "") else w.web_host
+    return f"http://{host}:{w.web_port}"
+
+
 def create_app(settings: Settings) -> faust.App:
     _set_fetch_max_wait(settings.kafka.consumer_fetch_max_wait_ms)
     extra = {}
@@ -57,12 +69,15 @@ def create_app(settings: Settings) -> faust.App:
         broker_session_timeout=settings.kafka.broker_session_timeout_s,
         broker_rebalance_timeout=settings.kafka.broker_rebalance_timeout_s,
         broker_heartbeat_interval=settings.kafka.broker_heartbeat_interval_s,
+        consumer_metadata_max_age_ms=int(settings.kafka.metadata_max_age_s * 1000),
+        producer_metadata_max_age_ms=int(settings.kafka.metadata_max_age_s * 1000),
         producer_linger=settings.kafka.producer_linger_ms / 1000.0,
         broker_commit_every=100,
         broker_commit_interval=1.0,
         web_enabled=settings.worker.web_enabled,
         web_port=settings.worker.web_port,
         web_bind=settings.worker.web_host,
+        canonical_url=web_url(settings),
         web_in_thread=False,
         table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",

@@ -107,6 +107,8 @@ class KafkaSettings(Section):
     broker_session_timeout_s: float = 10.0
     broker_rebalance_timeout_s: float = 10.0
     broker_heartbeat_interval_s: float = 1.0
+    metadata_max_age_s: float = Field(300.0, gt=0, description="How often the worker's clients refresh cluster "
+                                      "metadata even when nothing failed (aiokafka's default: 300 s).")
     # Security (streams/kafka_auth.py), the librdkafka/Kafka names: every client the project opens (the worker,
     # the CLI, the retrain job) uses them. Secrets also come from files: <VAR>_FILE (Docker/Kubernetes secrets).
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
@@ -178,6 +180,10 @@ class WorkerSettings(Section):
     web_port: int = Field(6066, description="Faust web port (window lookups, health).")
     web_enabled: bool = True
     web_host: str = Field("127.0.0.1", description="Bind address of the Faust web server (0.0.0.0 in containers).")
+    web_url: str | None = Field(None, json_schema_extra=_env("SLIMSTREAM_WEB_URL"),
+                                description="This worker's web address as the other workers reach it (they proxy "
+                                            "a user's request to the owner); default http://<web_host>:<web_port>, "
+                                            "the host name when web_host is 0.0.0.0.")
     log_level: str = Field("info", json_schema_extra=_env("SLIMSTREAM_WORKER_LOG_LEVEL"))
 
 
