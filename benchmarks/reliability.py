@@ -163,26 +163,45 @@ def check(bootstrap: str, n_records: int, workers: list[Worker], stores: list[Pa
 
 def run_mode(mode: str, records: list[tuple[bytes, bytes]], args: argparse.Namespace, template: Path,
              work: Path) -> dict[str, Any]:
+    data = private_data_dir(args.data_dir, work / f"data-{mode}")
+    qdrant = work / f"qdrant-{mode}"
+    shutil.copytree(template, qdrant)
+    row: dict[str, Any] = {"mode": mode, "events": len(records), "store": args.store}
+    started: list[Worker] = []  # every worker this mode starts: none may outlive it, whatever fails
+    try:
+        _run_mode(mode, records, args, template, work, data, qdrant, row, started)
+    finally:
+        for w in started:
+            if w.alive():
+                w.stop()
+    say(f"{mode}: {row}")
+    return row
+
+
+def _run_mode(mode: str, records: list[tuple[bytes, bytes]], args: argparse.Namespace, template: Path, work: Path,
+              data: Path, qdrant: Path, row: dict[str, Any], started: list[Worker]) -> None:
     from streams.topics import ensure_topics
     from tests.kafka_io import end_offsets
 
     n = len(records)
-    data = private_data_dir(args.data_dir, work / f"data-{mode}")
-    qdrant = work / f"qdrant-{mode}"
-    shutil.copytree(template, qdrant)
-    row: dict[str, Any] = {"mode": mode, "events": n, "store": args.store}
+
+    def worker(*a: Any) -> Worker:
+        w = Worker(*a)
+        started.append(w)
+        return w
+
     with EmbeddedBroker(log_path=work / f"tansu-{mode}.log") as broker:
         bootstrap = broker.bootstrap_servers
         asyncio.run(ensure_topics(S.updated(kafka={"bootstrap_servers": bootstrap})))
         stores = [qdrant]
-        workers = [Worker(bootstrap, data, qdrant, args, work / f"worker-{mode}-1.log")]
+        workers = [worker(bootstrap, data, qdrant, args, work / f"worker-{mode}-1.log")]
         if mode == "failover":
             # A second worker needs its own data dir for Faust's files (and RocksDB), the caches linked, and its
             # own Qdrant: local mode admits one process (with a Qdrant server both would share one collection).
             data2 = private_data_dir(args.data_dir, work / f"data-{mode}-2")
             stores.append(work / f"qdrant-{mode}-2")
             shutil.copytree(template, stores[1])
-            workers.append(Worker(bootstrap, data2, stores[1], args, work / f"worker-{mode}-2.log"))
+            workers.append(worker(bootstrap, data2, stores[1], args, work / f"worker-{mode}-2.log"))
         wait(lambda: all((w.get("/healthz/") or {}).get("models_ready") for w in workers), 600, "workers ready", workers)
         t0 = time.monotonic()
         asyncio.run(publish(bootstrap, S.kafka.topic_interactions, records, acks=1, linger_ms=5))
@@ -204,7 +223,7 @@ def run_mode(mode: str, records: list[tuple[bytes, bytes]], args: argparse.Names
                 lambda: (survivor.get("/healthz/") or {}).get("partitions") == every, 900, "the survivor", [survivor]), 1)
             workers = [survivor]
         else:
-            victim = Worker(bootstrap, data, qdrant, args, work / f"worker-{mode}-restart.log")
+            victim = worker(bootstrap, data, qdrant, args, work / f"worker-{mode}-restart.log")
             workers = [victim]
             row["kill_to_first_applied_s"] = round(wait(lambda: victim.applied() >= 1, 900, "the restarted worker",
                                                         workers) + (victim.started - t_kill), 1)
@@ -212,14 +231,12 @@ def run_mode(mode: str, records: list[tuple[bytes, bytes]], args: argparse.Names
         wait(lambda: committed_all(bootstrap, end), 1800, "the topic drained", workers)
         row["kill_to_drained_s"] = round(time.monotonic() - t_kill, 1)
         if mode == "failover":  # scale back to two: the newcomer gets partitions, the check reads through both
-            again = Worker(bootstrap, data, qdrant, args, work / f"worker-{mode}-again.log")  # the victim's store
+            again = worker(bootstrap, data, qdrant, args, work / f"worker-{mode}-again.log")  # the victim's store
             workers.append(again)
             wait(lambda: all((w.get("/healthz/") or {}).get("assigned_partitions", 0) > 0 for w in workers), 900,
                  "two workers with partitions", workers)
         row["duplicates_absorbed"] = sum(int((w.get("/metrics/") or {}).get("duplicates", 0)) for w in workers)
         row.update(check(bootstrap, n, workers, stores, args))
-    say(f"{mode}: {row}")
-    return row
 
 
 def replay_records(n: int) -> list[tuple[bytes, bytes]]:
