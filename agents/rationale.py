@@ -146,6 +146,7 @@ async def _rationalise(states: list[WindowState]) -> None:
     runtime.metrics["student_calls"] += 1
     runtime.metrics["rationales_generated"] += len(texts)
     runtime.latency["student_batch_s"].append(time.monotonic() - t0)
+    runtime.telemetry.student_batch.observe(time.monotonic() - t0)
     log.info("student wrote %d rationales in %.1fs (backlog: %d users)", len(texts), time.monotonic() - t0,
              len(runtime.backlog))
     # Whatever the backend (a remote server may answer with anything), the text that is embedded, stored and

@@ -35,6 +35,7 @@ import numpy as np
 
 from agents.backlog import RationaleBacklog
 from agents.ranker_slot import RankerSlot, SwapResult
+from agents.telemetry import Telemetry
 from streams.drift import DriftMonitor, StaleShare
 from streams.drift_reference import DriftReference, read_drift_reference
 from streams.registry import ModelRegistry
@@ -74,6 +75,7 @@ class Runtime:
         self.metrics: Counter[str] = Counter()
         self.latency: defaultdict[str, deque[float]] = defaultdict(lambda: deque(maxlen=LATENCY_SAMPLES))
         self.started_at = time.time()
+        self.telemetry = Telemetry()  # the Prometheus histograms (agents/telemetry.py; /metrics)
         # Users waiting for a rationale (agents/backlog.py) and the share of answers without a current one:
         # load, reported as such, never a drift signal.
         self.backlog = RationaleBacklog(settings.worker.rationale_backlog_max)
@@ -346,11 +348,14 @@ class Runtime:
 
     # -- off-loop calls ------------------------------------------------------------------------------------
     async def in_store(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._store_pool, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(self._store_pool, _timed,
+                                                                 self.telemetry.store_call, fn, *args)
 
     async def encode(self, texts: Sequence[str]) -> np.ndarray:
         assert self.encoder is not None
-        return await asyncio.get_running_loop().run_in_executor(self._encoder_pool, self.encoder.encode, list(texts))
+        return await asyncio.get_running_loop().run_in_executor(self._encoder_pool, _timed,
+                                                                 self.telemetry.encoder_call, self.encoder.encode,
+                                                                 list(texts))
 
     async def generate(self, batch: Sequence[list[dict[str, str]]],
                        student: "StudentBackend | None" = None) -> list[str]:
@@ -365,6 +370,15 @@ class Runtime:
         except asyncio.TimeoutError:
             self.metrics["student_deadline_exceeded"] += 1
             raise DeadlineExceeded(f"student batch of {len(batch)} exceeded {self.settings.student.deadline_s}s")
+
+
+def _timed(histogram: Any, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in its pool thread, its duration observed in ``histogram`` (thread-safe)."""
+    t0 = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        histogram.observe(time.perf_counter() - t0)
 
 
 def _percentiles(values: "deque[float]") -> dict[str, float | int]:

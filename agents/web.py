@@ -1,14 +1,18 @@
-"""Read-only HTTP views on the worker (Faust's web server): health, counters, a user's window."""
+"""HTTP views on the worker (Faust's web server): health (``/healthz/``, ``/livez``, ``/readyz``), the counters
+(``/stats/`` as JSON, ``/metrics`` in the Prometheus text format) and a user's window (any worker answers: it
+proxies to the owner)."""
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from faust.exceptions import SameNode
 from faust.web import Request, Response, View
 from faust.web.exceptions import ServiceUnavailable
 
 from agents.state import owned_partitions, runtime
+from agents.telemetry import CONTENT_TYPE
 from streams.app import app, windows
 
 
@@ -31,20 +35,92 @@ class Health(View):
         })
 
 
+def _readiness() -> dict[str, bool]:
+    return {
+        "store_loaded": runtime.store_ready.is_set(),
+        "models_loaded": runtime.models_ready.is_set(),
+        "recovery_done": app.tables.recovery.completed.is_set(),
+        "partitions_assigned": bool(app.assignor.assigned_actives()),
+    }
+
+
+@app.page("/livez")
+class Live(View):
+    """The process serves HTTP on its event loop: restart it only when this stops answering."""
+
+    async def get(self, request: Request) -> Response:
+        return self.json({"live": True, "uptime_s": round(time.time() - runtime.started_at, 1)})
+
+
+@app.page("/readyz")
+class Ready(View):
+    """200 once partitions are assigned, the store and the models are loaded and recovery is done; else 503
+    with what is missing (a load balancer or a rollout waits on it)."""
+
+    async def get(self, request: Request) -> Response:
+        checks = _readiness()
+        ready = all(checks.values())
+        return self.json({"ready": ready, **checks}, status=200 if ready else 503)
+
+
+def _telemetry_state() -> dict[str, Any]:
+    """What agents/telemetry.py exports at each scrape, read from the runtime and Faust's monitor."""
+    monitor = app.monitor
+    lag = {}
+    for tp, end in dict(getattr(monitor, "tp_end_offsets", None) or {}).items():
+        committed = (getattr(monitor, "tp_committed_offsets", None) or {}).get(tp)
+        if committed is not None and app.assignor.is_active(tp):
+            lag[(tp.topic, tp.partition)] = max(0, end - committed)
+    judge = runtime.drift.hit_rate
+    return {
+        "counters": dict(runtime.metrics),
+        "backlog": runtime.backlog.snapshot(),
+        "stale_share": runtime.stale.share(),
+        "hit_rate": {"all": judge.rate(), **{v: judge.rate(v) for v in judge.versions()}},
+        "lag": lag,
+        "partitions": owned_partitions(),
+        "versions": {"student": runtime.model_version, "ranker": runtime.rankers.version or "text",
+                     "registry_version": runtime.student_version or "base"},
+    }
+
+
+runtime.telemetry.watch(_telemetry_state)
+
+
+@app.page("/metrics")
+class Prometheus(View):
+    """The Prometheus text format (agents/telemetry.py); the same counters as JSON at ``/stats/``."""
+
+    async def get(self, request: Request) -> Response:
+        return self.bytes(runtime.telemetry.exposition(), content_type=CONTENT_TYPE.split(";")[0])
+
+
+@app.page("/stats/")
+class Stats(View):
+    async def get(self, request: Request) -> Response:
+        return self.json(_stats())
+
+
 @app.page("/metrics/")
 class Metrics(View):
+    """``/stats/`` under its old name (scripts and dashboards written before ``/metrics`` was Prometheus)."""
+
     async def get(self, request: Request) -> Response:
-        return self.json({
-            "model_swaps": 0,
-            "model_swap_failures": 0,
-            **runtime.metrics,
-            "student_model_version": runtime.model_version,
-            "last_model_swap": runtime.last_swap,
-            "ranker_version": runtime.rankers.version,
-            "last_ranker_swap": runtime.rankers.last_swap,
-            "load": runtime.load_snapshot(),
-            "drift": runtime.drift_snapshot(),
-        })
+        return self.json(_stats())
+
+
+def _stats() -> dict[str, Any]:
+    return {
+        "model_swaps": 0,
+        "model_swap_failures": 0,
+        **runtime.metrics,
+        "student_model_version": runtime.model_version,
+        "last_model_swap": runtime.last_swap,
+        "ranker_version": runtime.rankers.version,
+        "last_ranker_swap": runtime.rankers.last_swap,
+        "load": runtime.load_snapshot(),
+        "drift": runtime.drift_snapshot(),
+    }
 
 
 async def _at_owner(web: View, request: Request, user_id: str) -> Response | None:

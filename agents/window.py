@@ -154,11 +154,17 @@ class FastPathBatch:
                     log.warning("fast path: answering %d users failed; retrying in %.1fs", len(states), delay,
                                 exc_info=True)
                     await asyncio.sleep(delay)
+            now = time.time()
             for event in events:
                 await self._ack(event)
+                stamp = getattr(getattr(event, "message", None), "timestamp", None)
+                if stamp:  # the record's timestamp (the producer's clock) to its answer
+                    runtime.telemetry.event_to_recommendation.observe(max(0.0, now - stamp))
             runtime.metrics["fast_path_batches"] += 1
             runtime.metrics["fast_path_batch_events"] += len(events)
             runtime.latency["fast_path_batch_s"].append(time.monotonic() - t0)
+            runtime.telemetry.fast_path_batch.observe(time.monotonic() - t0)
+            runtime.telemetry.fast_path_batch_events.observe(len(events))
 
 
 async def _answer(states: list[WindowState], applied: list[tuple[str, str]]) -> None:
