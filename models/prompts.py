@@ -48,17 +48,33 @@ _STEP_HEADER = re.compile(r"\bstep\s*\d+\s*(?:[:.)\]\-\u2013\u2014]|$)", re.IGNO
 _FENCES = re.compile(r"`+|~{3,}|#{2,}")
 _WHITESPACE = re.compile(r"\s+")
 
-def _strip_controls(text: str) -> str:
+def _strip_controls(text: str, keep_newlines: bool = False) -> str:
+    """Controls become spaces and invisible characters go; ``keep_newlines``: "\n" survives (model output)."""
     out = []
     for ch in text:
         cat = unicodedata.category(ch)
-        if cat in ("Cc", "Zl", "Zp"):  # newlines, tabs, other C0/C1 controls, line/paragraph separators
+        if keep_newlines and ch == "\n":
+            out.append(ch)
+        elif cat in ("Cc", "Zl", "Zp"):  # newlines, tabs, other C0/C1 controls, line/paragraph separators
             out.append(" ")
         elif cat in ("Cf", "Cs", "Co", "Cn"):  # zero-width & bidi controls, surrogates, private use, unassigned
             continue
         else:
             out.append(ch)
     return "".join(out)
+
+
+def _remove_markers(text: str, extra: tuple[re.Pattern[str], ...] = ()) -> str:
+    """Chat-template markers (and the ``extra`` patterns) replaced by spaces. Removing one marker can join the
+    pieces of another ("<|im_<|x|>end|>"): repeat until stable."""
+    patterns = (_SPECIAL_TOKEN, _OTHER_MARKERS, _TOKEN_FRAGMENT, *extra)
+    for _ in range(10):
+        before = text
+        for pattern in patterns:
+            text = pattern.sub(" ", text)
+        if text == before:
+            break
+    return text
 
 
 def sanitize_item_text(text: str, max_len: int = 120) -> str:
@@ -72,17 +88,7 @@ def sanitize_item_text(text: str, max_len: int = 120) -> str:
     if max_len < 1:
         raise ValueError("max_len must be >= 1")
     text = unicodedata.normalize("NFKC", str(text))
-    text = _strip_controls(text)
-    # Removing one marker can join the pieces of another ("<|im_<|x|>end|>"): repeat until stable.
-    for _ in range(10):
-        before = text
-        text = _SPECIAL_TOKEN.sub(" ", text)
-        text = _OTHER_MARKERS.sub(" ", text)
-        text = _TOKEN_FRAGMENT.sub(" ", text)
-        text = _FENCES.sub(" ", text)
-        text = _STEP_HEADER.sub(" ", text)
-        if text == before:
-            break
+    text = _remove_markers(_strip_controls(text), (_FENCES, _STEP_HEADER))
     text = _WHITESPACE.sub(" ", text).strip()
     if len(text) > max_len:
         cut = text[: max_len - 1]
@@ -91,22 +97,6 @@ def sanitize_item_text(text: str, max_len: int = 120) -> str:
             cut = cut[:space]
         text = cut.rstrip(" ,;:-\u2013\u2014") + "\u2026"
     return text
-
-
-def _strip_output_controls(text: str) -> str:
-    """Like :func:`_strip_controls`, but line breaks survive: a rationale is multi-line (one step per line)."""
-    out = []
-    for ch in text:
-        cat = unicodedata.category(ch)
-        if ch == "\n":
-            out.append(ch)
-        elif cat in ("Cc", "Zl", "Zp"):
-            out.append(" ")
-        elif cat in ("Cf", "Cs", "Co", "Cn"):
-            continue
-        else:
-            out.append(ch)
-    return "".join(out)
 
 
 def sanitize_generated_text(text: str, max_chars: int = 2000) -> str:
@@ -119,14 +109,7 @@ def sanitize_generated_text(text: str, max_chars: int = 2000) -> str:
     """
     if max_chars < 1:
         raise ValueError("max_chars must be >= 1")
-    text = _strip_output_controls(unicodedata.normalize("NFKC", str(text)))
-    for _ in range(10):
-        before = text
-        text = _SPECIAL_TOKEN.sub(" ", text)
-        text = _OTHER_MARKERS.sub(" ", text)
-        text = _TOKEN_FRAGMENT.sub(" ", text)
-        if text == before:
-            break
+    text = _remove_markers(_strip_controls(unicodedata.normalize("NFKC", str(text)), keep_newlines=True))
     text = re.sub(r"[^\S\n]+", " ", text)
     text = re.sub(r" *\n *", "\n", text)
     text = re.sub(r"\n{3,}", "\n\n", text).strip()
