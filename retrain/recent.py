@@ -158,7 +158,7 @@ async def load_recent_from_kafka(settings: Settings, state: RetrainState, max_ev
     Tansu the reported end offset can lag the log end; reading on to an empty poll covers that)."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    from streams.events import ForgetUser, InteractionEvent, is_control
+    from streams.events import InteractionEvent, InvalidEvent, control_record
 
     topic = settings.kafka.topic_interactions
     source = f"kafka:{topic}"
@@ -187,12 +187,12 @@ async def load_recent_from_kafka(settings: Settings, state: RetrainState, max_ev
             batch = await consumer.getmany(timeout_ms=int(idle_s * 1000), max_records=5000)
             for tp, msgs in batch.items():
                 for m in msgs:
-                    if is_control(m.value):
-                        try:
-                            forget = ForgetUser.model_validate_json(m.value)
-                        except ValueError:
-                            invalid += 1
-                            continue
+                    try:
+                        forget = control_record(m.value)
+                    except InvalidEvent:
+                        invalid += 1
+                        continue
+                    if forget is not None:
                         # In log order: every event of the user read so far came before the forget.
                         events = drop_forgotten(events, forget.user_id)
                         forgotten += 1

@@ -271,20 +271,12 @@ def parse_event(value: bytes | None, limits: EventLimits, now: float | None = No
     return event
 
 
-def is_control(value: bytes | None) -> bool:
-    """Whether a record claims to be a control record (a top-level "control" field); cheap, before parsing."""
-    return value is not None and b'"control"' in value
-
-
-def parse_record(value: bytes | None, limits: EventLimits, now: float | None = None) -> InteractionEvent | ForgetUser:
-    """An interaction event or a control record (:class:`ForgetUser`); :class:`InvalidEvent` saying why not."""
-    if not is_control(value):
-        return parse_event(value, limits, now)
-    if isinstance(limits, int):
-        limits = EventLimits(max_bytes=limits)
-    assert value is not None
-    if len(value) > limits.max_bytes:
-        raise InvalidEvent(f"payload too large: {len(value)} bytes > {limits.max_bytes}")
+def control_record(value: bytes | None) -> ForgetUser | None:
+    """The control record ``value`` holds, None when it holds none (no top-level "control" field: an
+    interaction event, or something else to validate as one); :class:`InvalidEvent` for a malformed one.
+    One decision for every reader of the interactions topic (the worker and the retrain job)."""
+    if value is None or b'"control"' not in value:  # cheap: most records are events
+        return None
     try:
         return ForgetUser.model_validate_json(value, strict=True)
     except ValidationError as exc:
@@ -292,9 +284,19 @@ def parse_record(value: bytes | None, limits: EventLimits, now: float | None = N
         if any(e["type"] in ("json_invalid", "model_type") or (e["type"] == "missing" and e["loc"] == ("control",))
                for e in errors):
             # Not JSON, not an object, or no top-level "control" (the bytes were inside a value, e.g. an item
-            # called "control"): an interaction event or its own error.
-            return parse_event(value, limits, now)
+            # called "control"): not a control record.
+            return None
         raise InvalidEvent(f"invalid control record: {describe_validation_error(exc)}") from None
+
+
+def parse_record(value: bytes | None, limits: EventLimits, now: float | None = None) -> InteractionEvent | ForgetUser:
+    """An interaction event or a control record (:class:`ForgetUser`); :class:`InvalidEvent` saying why not.
+    The size limit applies to both."""
+    if isinstance(limits, int):
+        limits = EventLimits(max_bytes=limits)
+    if value is not None and len(value) > limits.max_bytes:
+        raise InvalidEvent(f"payload too large: {len(value)} bytes > {limits.max_bytes}")
+    return control_record(value) or parse_event(value, limits, now)
 
 
 def _event_error(exc: ValidationError) -> str:
@@ -337,7 +339,7 @@ __all__ = [
     "SCHEMA_MODELS",
     "WindowItem",
     "dead_letter_key",
-    "is_control",
+    "control_record",
     "parse_event",
     "parse_record",
 ]

@@ -98,11 +98,13 @@ def test_a_retrain_read_of_the_topic_drops_the_events_before_a_forget_and_keeps_
         broker: EmbeddedBroker) -> None:
     topic = "interactions-forget-test"
     records = [event("u1", "a", 1000), event("u2", "b", 1001), event("u1", "c", 1002),
-               (b"u1", _forget("u1")), event("u1", "d", 1003), event("u2", "e", 1004)]
+               (b"u1", _forget("u1")), event("u1", "d", 1003), event("u2", "e", 1004),
+               event("u2", "control", 1005)]  # an item called "control" is an event, not a control record
     run(publish(broker.bootstrap_servers, topic, records))
     settings = Settings.from_env(kafka={"bootstrap_servers": broker.bootstrap_servers, "topic_interactions": topic})
     recent = run(load_recent_from_kafka(settings, RetrainState(Path("/nonexistent") / RETRAIN_STATE), 100))
-    assert sorted((e.user_id, e.item_id) for e in recent.events) == [("u1", "d"), ("u2", "b"), ("u2", "e")]
+    assert sorted((e.user_id, e.item_id) for e in recent.events) == [("u1", "d"), ("u2", "b"), ("u2", "control"),
+                                                                     ("u2", "e")]
     assert recent.window.forgotten_users == 1 and recent.window.invalid == 0
 
 
