@@ -64,7 +64,7 @@ class FastPathBatch:
         self.unwritten: dict[str, tuple[WindowState, contextvars.Context]] = {}
         # Users whose answer was given up (the vector store or the broker was away): answered again with a
         # later batch, after LATER_ANSWER_S doubling per failed round, without waiting for their next event.
-        self.later: dict[str, WindowState] = {}
+        self.later: set[str] = set()
         self._later_due = 0.0
         self._later_failures = 0
         self._pending = asyncio.Event()
@@ -86,7 +86,7 @@ class FastPathBatch:
         """Forget the user's pending window and answer (a forget control record came in this batch)."""
         self.unwritten.pop(user_id, None)
         self.states.pop(user_id, None)
-        self.later.pop(user_id, None)
+        self.later.discard(user_id)
         self.applied = [pair for pair in self.applied if pair[0] != user_id]
 
     def newest(self, user_id: str) -> WindowState | None:
@@ -102,7 +102,7 @@ class FastPathBatch:
             ctx.run(self._write, state)
 
     def _answer_later(self, states: dict[str, WindowState]) -> None:
-        self.later.update(states)  # only the users matter: their newest window is read when it is their turn
+        self.later.update(states)  # the users: their newest window is read from the table when it is their turn
         self._later_failures += 1
         wait = min(LATER_ANSWER_S * 2 ** (self._later_failures - 1), LATER_ANSWER_MAX_S)
         self._later_due = time.monotonic() + wait
@@ -131,7 +131,7 @@ class FastPathBatch:
                 # Each waiting user's newest window (the table has it; a forgotten user has none).
                 waiting = {u: WindowState.model_validate(raw) for u in self.later if (raw := windows.get(u))}
                 states = {**waiting, **states}
-                self.later = {}
+                self.later = set()
             if not events and not retrying:
                 return
             t0 = time.monotonic()
@@ -139,8 +139,7 @@ class FastPathBatch:
                 try:
                     await _answer(list(states.values()), applied)
                     self._later_failures = 0
-                    for user_id in states:  # answered now: an older deferred answer must not follow
-                        self.later.pop(user_id, None)
+                    self.later.difference_update(states)  # answered now: no older deferred answer follows
                     break
                 except Exception:
                     runtime.metrics["fast_path_errors"] += 1
