@@ -145,10 +145,10 @@ async def _rationalise(states: list[WindowState]) -> None:
     backoff.succeeded()
     runtime.metrics["student_calls"] += 1
     runtime.metrics["rationales_generated"] += len(texts)
-    runtime.latency["student_batch_s"].append(time.monotonic() - t0)
-    runtime.telemetry.student_batch.observe(time.monotonic() - t0)
-    log.info("student wrote %d rationales in %.1fs (backlog: %d users)", len(texts), time.monotonic() - t0,
-             len(runtime.backlog))
+    elapsed = time.monotonic() - t0
+    runtime.latency["student_batch_s"].append(elapsed)
+    runtime.telemetry.student_batch.observe(elapsed)
+    log.info("student wrote %d rationales in %.1fs (backlog: %d users)", len(texts), elapsed, len(runtime.backlog))
     # Whatever the backend (a remote server may answer with anything), the text that is embedded, stored and
     # published is the three steps, without chat markers or controls, and at most rationale_max_chars long.
     rationales = [sanitize_generated_text(postprocess_rationale(t), s.student.rationale_max_chars) for t in texts]

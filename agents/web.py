@@ -67,8 +67,8 @@ def _telemetry_state() -> dict[str, Any]:
     """What agents/telemetry.py exports at each scrape, read from the runtime and Faust's monitor."""
     monitor = app.monitor
     lag = {}
-    for tp, end in dict(getattr(monitor, "tp_end_offsets", None) or {}).items():
-        committed = (getattr(monitor, "tp_committed_offsets", None) or {}).get(tp)
+    for tp, end in list(monitor.tp_end_offsets.items()):
+        committed = monitor.tp_committed_offsets.get(tp)
         if committed is not None and app.assignor.is_active(tp):
             lag[(tp.topic, tp.partition)] = max(0, end - committed)
     judge = runtime.drift.hit_rate

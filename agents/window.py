@@ -161,8 +161,9 @@ class FastPathBatch:
                     runtime.telemetry.event_to_recommendation.observe(max(0.0, now - stamp))
             runtime.metrics["fast_path_batches"] += 1
             runtime.metrics["fast_path_batch_events"] += len(events)
-            runtime.latency["fast_path_batch_s"].append(time.monotonic() - t0)
-            runtime.telemetry.fast_path_batch.observe(time.monotonic() - t0)
+            elapsed = time.monotonic() - t0
+            runtime.latency["fast_path_batch_s"].append(elapsed)
+            runtime.telemetry.fast_path_batch.observe(elapsed)
             runtime.telemetry.fast_path_batch_events.observe(len(events))
 
 

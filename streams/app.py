@@ -69,8 +69,6 @@ def create_app(settings: Settings) -> faust.App:
         broker_session_timeout=settings.kafka.broker_session_timeout_s,
         broker_rebalance_timeout=settings.kafka.broker_rebalance_timeout_s,
         broker_heartbeat_interval=settings.kafka.broker_heartbeat_interval_s,
-        consumer_metadata_max_age_ms=int(settings.kafka.metadata_max_age_s * 1000),
-        producer_metadata_max_age_ms=int(settings.kafka.metadata_max_age_s * 1000),
         producer_linger=settings.kafka.producer_linger_ms / 1000.0,
         broker_commit_every=100,
         broker_commit_interval=1.0,

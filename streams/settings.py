@@ -107,8 +107,6 @@ class KafkaSettings(Section):
     broker_session_timeout_s: float = 10.0
     broker_rebalance_timeout_s: float = 10.0
     broker_heartbeat_interval_s: float = 1.0
-    metadata_max_age_s: float = Field(300.0, gt=0, description="How often the worker's clients refresh cluster "
-                                      "metadata even when nothing failed (aiokafka's default: 300 s).")
     # Security (streams/kafka_auth.py), the librdkafka/Kafka names: every client the project opens (the worker,
     # the CLI, the retrain job) uses them. Secrets also come from files: <VAR>_FILE (Docker/Kubernetes secrets).
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
