@@ -165,6 +165,24 @@ class ResponseCache:
                  time.time()),
             )
 
+    def delete_prompts(self, prompts: Sequence[Any]) -> int:
+        """Delete the answers whose request carried one of ``prompts`` (chat message lists); how many went.
+        Forgetting a user (retrain/forget.py): a cached request shows the user's window."""
+        if not prompts:
+            return 0
+        wanted = {json.dumps(p, sort_keys=True, ensure_ascii=False) for p in prompts}
+        with self._lock:
+            doomed = []
+            for key, request in self._conn.execute("SELECT key, request FROM responses"):
+                try:
+                    messages = json.loads(request).get("messages")
+                except (json.JSONDecodeError, AttributeError):
+                    continue
+                if json.dumps(messages, sort_keys=True, ensure_ascii=False) in wanted:
+                    doomed.append((key,))
+            self._conn.executemany("DELETE FROM responses WHERE key = ?", doomed)
+        return len(doomed)
+
     def __len__(self) -> int:
         with self._lock:
             return int(self._conn.execute("SELECT COUNT(*) FROM responses").fetchone()[0])

@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from models.openai_client import CACHE_FILE
+from models.openai_client import CACHE_FILE, ResponseCache
 from streams.registry import write_text_atomic
 from streams.settings import Settings
 
@@ -122,27 +121,6 @@ def _scrub_jsonl(path: Path, user_id: str) -> tuple[int, list[Any]]:
     return removed, prompts
 
 
-def _scrub_cache(path: Path, prompts: Sequence[Any]) -> int:
-    """Delete the cached answers whose request carried one of ``prompts`` (chat message lists)."""
-    if not prompts or not path.is_file():
-        return 0
-    wanted = {json.dumps(p, sort_keys=True, ensure_ascii=False) for p in prompts}
-    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None)
-    try:
-        doomed = []
-        for key, request in conn.execute("SELECT key, request FROM responses"):
-            try:
-                messages = json.loads(request).get("messages")
-            except (json.JSONDecodeError, AttributeError):
-                continue
-            if json.dumps(messages, sort_keys=True, ensure_ascii=False) in wanted:
-                doomed.append((key,))
-        conn.executemany("DELETE FROM responses WHERE key = ?", doomed)
-        return len(doomed)
-    finally:
-        conn.close()
-
-
 def scrub_files(settings: Settings, user_id: str) -> ScrubReport:
     """Remove ``user_id``'s records from every dataset file the project wrote, and their cached answers."""
     report = ScrubReport()
@@ -154,8 +132,13 @@ def scrub_files(settings: Settings, user_id: str) -> ScrubReport:
         if removed:
             report.files[str(path)] = removed
             prompts.extend(found)
-    for cache in {settings.data.data_dir / "teacher-cache" / CACHE_FILE, *settings.data.data_dir.rglob(CACHE_FILE)}:
-        report.cache_rows += _scrub_cache(cache, prompts)
+    if prompts:
+        for path in settings.data.data_dir.rglob(CACHE_FILE):  # the teacher's and any student server's cache
+            cache = ResponseCache(path.parent)
+            try:
+                report.cache_rows += cache.delete_prompts(prompts)
+            finally:
+                cache.close()
     return report
 
 
