@@ -2,3 +2,4 @@
 and the drift timer) on ``streams.app.app``."""
 
 from agents import drift, model_updates, rationale, state, web, window  # noqa: F401  (registration side effects)
+from agents.api import routes  # noqa: F401  (the /v1 views)

@@ -6,7 +6,8 @@ they sent before it, and the window agent applies it in that order, in the recor
 * the window: a changelog tombstone (``del windows[user]``), so a restart or a new owner recovers nothing,
   with either table store; a pending write of this batch is dropped first so it cannot bring the window back;
 * the rationale points in Qdrant (the user's point id and any point whose payload names the user);
-* what the worker keeps in memory: the rationale request, the drift judge's last recommendation;
+* what the worker keeps in memory: the rationale request, the drift judge's last recommendation, the pull
+  API's newest recommendations and the user's attribution records;
 * the recommendations topic: a tombstone (null value) under the user's key, so a compacted topic and the
   consumers that keep "the latest recommendation per user" drop theirs.
 
@@ -44,8 +45,7 @@ async def forget_in_stream(user_id: str, batch: PendingWindows) -> int:
         had_window = user_id in windows
         if had_window:
             del windows[user_id]  # Faust writes a null-valued changelog record: recovery deletes the key
-        runtime.backlog.discard([user_id])
-        runtime.drift.forget_user(user_id)
+        runtime.forget_user(user_id)  # the rationale request, the drift judge's and the pull API's records
         store = runtime.store
         assert store is not None
         points = await runtime.in_store(store.delete_rationales, user_id)

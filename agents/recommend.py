@@ -24,7 +24,7 @@ import numpy as np
 from agents.ranker_slot import Served
 from agents.runtime import Runtime
 from models.rankers import blend_query, recent_items_vector
-from streams.events import Recommendation, RecommendationPath, RecommendedItem
+from streams.events import Recommendation, RecommendationPath, RecommendedItem, make_recommendation_id
 from streams.registry import TEXT_RANKER
 from streams.window import WindowState
 from vectorstore.store import rationale_key
@@ -37,9 +37,13 @@ async def build_recommendations(
     states: Sequence[WindowState],
     path: RecommendationPath,
     rationales: Mapping[str, Rationale] | None = None,
+    k: int | None = None,
+    id_extra: str = "",
 ) -> list[Recommendation]:
     """One recommendation per state, in order. ``rationales``: user -> (vector, payload) to use instead of
-    the stored ones (the slow path's fresh rationales); users missing from it are looked up in the store."""
+    the stored ones (the slow path's fresh rationales); users missing from it are looked up in the store.
+    ``k``: items per answer (default ``retrieval.top_k``; the pull API asks for more to filter them);
+    ``id_extra``: what else the answer's recommendation_id depends on (the pull API's filters)."""
     if not states:
         return []
     assert rt.store is not None
@@ -49,14 +53,16 @@ async def build_recommendations(
     chosen = [given.get(st.user_id) or stored.get(st.user_id) for st in states]
     served = rt.rankers.served  # taken once: a swap during this batch does not mix versions
     if served is not None:
-        ranked = await _rank(rt, served, states, chosen)
+        ranked = await _rank(rt, served, states, chosen, k or rt.settings.retrieval.top_k)
     else:
-        ranked = await _text_rank(rt, states, chosen)
+        ranked = await _text_rank(rt, states, chosen, k or rt.settings.retrieval.top_k)
     now = time.time()
     out = []
     student = rt.model_version
     for st, (items, label), rationale in zip(states, ranked, chosen):
         payload = rationale[1] if rationale else {}
+        rec_id = make_recommendation_id(st.user_id, st.version, path.value, label, student,
+                                        payload.get("window_version"), id_extra)
         out.append(Recommendation(
             user_id=st.user_id,
             items=items,
@@ -70,15 +76,15 @@ async def build_recommendations(
             path=path,
             ranker_version=label,
             student_version=student,
+            recommendation_id=rec_id,
         ))
     return out
 
 
 async def _rank(rt: Runtime, served: Served, states: Sequence[WindowState],
-                chosen: Sequence[Rationale | None]) -> list[tuple[list[RecommendedItem], str]]:
+                chosen: Sequence[Rationale | None], k: int) -> list[tuple[list[RecommendedItem], str]]:
     """The trained ranker's top-K per window; the popularity fallback where it knows no window item."""
     assert rt.store is not None
-    k = rt.settings.retrieval.top_k
     windows = [st.item_ids for st in states]
     vectors = [None if r is None else r[0] for r in chosen]
     ranked = await rt.rankers.rank(served, rt.store, windows, vectors, k)
@@ -97,7 +103,7 @@ async def _rank(rt: Runtime, served: Served, states: Sequence[WindowState],
 
 
 async def _text_rank(rt: Runtime, states: Sequence[WindowState],
-                     chosen: Sequence[Rationale | None]) -> list[tuple[list[RecommendedItem], str]]:
+                     chosen: Sequence[Rationale | None], k: int) -> list[tuple[list[RecommendedItem], str]]:
     """The text ranker: rationale + recent items' text vectors against the items' text vectors."""
     s = rt.settings
     assert rt.store is not None
@@ -124,7 +130,7 @@ async def _text_rank(rt: Runtime, states: Sequence[WindowState],
             continue
         slots.append(len(queries))
         queries.append((query, st.item_ids))
-    results = await rt.in_store(store.search_items_batch, queries, s.retrieval.top_k) if queries else []
+    results = await rt.in_store(store.search_items_batch, queries, k) if queries else []
     return [([] if slot is None else
              [RecommendedItem(item_id=h.item_id, score=float(h.score), title=h.title) for h in results[slot]],
              TEXT_RANKER) for slot in slots]

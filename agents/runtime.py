@@ -34,10 +34,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from agents.backlog import RationaleBacklog
+from agents.feedback import Attribution, RecentRecommendations, Trending
 from agents.ranker_slot import RankerSlot, SwapResult
 from agents.telemetry import Telemetry
 from streams.drift import DriftMonitor, StaleShare
 from streams.drift_reference import DriftReference, read_drift_reference
+from streams.events import Recommendation
 from streams.registry import ModelRegistry
 from streams.settings import Settings
 
@@ -112,6 +114,11 @@ class Runtime:
         self.drift_last_published: float | None = None  # monotonic time of the last published decision
         self.drift_last_decision: dict[str, Any] | None = None
         self._genres: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        # The pull API's newest recommendation per user and feedback attribution (agents/feedback.py); the
+        # items of this worker's recent events, the fallback for a user nobody knows yet.
+        self.recent = RecentRecommendations(settings.api.cache_users, settings.api.recent_recommendations)
+        self.attribution = Attribution()
+        self.trending = Trending()
 
     # -- start-up -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -236,7 +243,10 @@ class Runtime:
         if self.metrics["drift_errors"] <= 3:
             log.exception("drift monitor: %s failed (counted in drift_errors; the stream goes on)", what)
 
-    def observe_recommendation(self, rec: Any) -> None:
+    def observe_recommendation(self, rec: Recommendation) -> None:
+        """One recommendation sent: the pull API's newest, attribution's impression, the drift judge's."""
+        self.recent.add(rec)
+        self.attribution.impression(rec)
         self.stale.add(bool(rec.rationale_current))
         try:
             self.drift.on_recommendation(rec)
@@ -284,16 +294,31 @@ class Runtime:
                 "rationale_reference_source": self.rationale_reference_source,
                 "last_decision": self.drift_last_decision}
 
-    def observe_event(self, user_id: str, item_id: str, genres: Sequence[str]) -> None:
-        """Feed one applied interaction to the drift monitor; take the lazy genre reference once the first
-        full window is in."""
+    def observe_event(self, user_id: str, item_id: str, genres: Sequence[str],
+                      recommendation_id: str | None = None) -> None:
+        """Feed one applied interaction to the trending counts, attribution (when it names the recommendation
+        it responds to) and the drift monitor; take the lazy genre reference once the first full window is in."""
+        self.trending.add(item_id)
+        against = None
+        if recommendation_id is not None:
+            sent = self.recent.find(user_id, recommendation_id)
+            self.attribution.response(sent, item_id)
+            if sent is not None:
+                against = (sent.items, sent.judged_version)
         try:
-            self._observe_event(user_id, item_id, genres)
+            self._observe_event(user_id, item_id, genres, against)
         except Exception:
             self.drift_failed("on_event")
 
-    def _observe_event(self, user_id: str, item_id: str, genres: Sequence[str]) -> None:
-        self.drift.on_event(user_id, item_id, genres)
+    def forget_user(self, user_id: str) -> None:
+        """Drop what memory keeps keyed by the user (the stream's part of forgetting, agents/forget.py)."""
+        self.backlog.discard([user_id])
+        self.drift.forget_user(user_id)
+        self.recent.forget(user_id)
+
+    def _observe_event(self, user_id: str, item_id: str, genres: Sequence[str],
+                       against: tuple[frozenset[str], str | None] | None = None) -> None:
+        self.drift.on_event(user_id, item_id, genres, against)
         if self.drift.reference.genres is None and len(self.drift.genres) >= self.settings.drift.window_events:
             ref = self.drift.reference
             self.drift.reset_reference(ref.model_copy(update={

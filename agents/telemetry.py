@@ -7,7 +7,8 @@ Two kinds, in one registry per worker process:
   encoder call latency;
 * a collector that reads the runtime's own state at scrape time, so nothing is counted twice: every counter of
   ``/stats/`` as ``slimstream_<name>_total``, the rationale backlog, the online hit rate per model version,
-  consumer lag per partition (end offset - committed), and the serving versions as an info metric.
+  consumer lag per partition (end offset - committed), impressions and attributed feedback per ranker version
+  and path (agents/feedback.py), and the serving versions as an info metric.
 """
 
 from __future__ import annotations
@@ -90,6 +91,18 @@ class _StateCollector(Collector):
         owned = GaugeMetricFamily("slimstream_assigned_partitions", "Interactions partitions this worker owns")
         owned.add_metric([], float(len(s["partitions"])))
         yield owned
+        attribution = s.get("attribution") or {"impressions": {}, "responses": {}}
+        shown = CounterMetricFamily("slimstream_impressions", "Recommendations sent, per ranker version and path",
+                                    labels=["ranker_version", "path"])
+        for (ranker, path), n in sorted(attribution["impressions"].items()):
+            shown.add_metric([ranker, path], float(n))
+        yield shown
+        answered = CounterMetricFamily("slimstream_feedback_events", "Events naming a recommendation_id: hit (the "
+                                       "item was recommended), miss, or unattributed (not known to this worker)",
+                                       labels=["ranker_version", "path", "outcome"])
+        for (ranker, path, outcome), n in sorted(attribution["responses"].items()):
+            answered.add_metric([ranker, path, outcome], float(n))
+        yield answered
         info = InfoMetricFamily("slimstream_models", "The versions this worker serves")
         info.add_metric([], {k: str(v) for k, v in s["versions"].items()})
         yield info

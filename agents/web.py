@@ -7,10 +7,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from faust.exceptions import SameNode
 from faust.web import Request, Response, View
-from faust.web.exceptions import ServiceUnavailable
 
+from agents.routing import at_owner
 from agents.state import owned_partitions, runtime
 from agents.telemetry import CONTENT_TYPE
 from streams.app import app, windows
@@ -79,6 +78,8 @@ def _telemetry_state() -> dict[str, Any]:
         "hit_rate": {"all": judge.rate(), **{v: judge.rate(v) for v in judge.versions()}},
         "lag": lag,
         "partitions": owned_partitions(),
+        "attribution": {"impressions": dict(runtime.attribution.impressions),
+                        "responses": dict(runtime.attribution.responses)},
         "versions": {"student": runtime.model_version, "ranker": runtime.rankers.version or "text",
                      "registry_version": runtime.student_version or "base"},
     }
@@ -120,31 +121,14 @@ def _stats() -> dict[str, Any]:
         "last_ranker_swap": runtime.rankers.last_swap,
         "load": runtime.load_snapshot(),
         "drift": runtime.drift_snapshot(),
+        "attribution": runtime.attribution.snapshot(),
+        "api_cached_users": len(runtime.recent),
     }
-
-
-async def _at_owner(web: View, request: Request, user_id: str) -> Response | None:
-    """The owner's answer for ``user_id`` (proxied), or None when this worker owns the user's partition.
-
-    Not Faust's ``table_route``: it hashes the table's *serialized* key (JSON: the id in quotes), which names
-    another partition than the one the user's events (raw key bytes) and their window live on, so with two
-    workers it asked the wrong one 3 times in 4 (found by benchmarks/reliability.py). The owner is looked up
-    with the raw key, exactly as producers partition the user's events."""
-    try:
-        # The changelog partition of a window is its events' partition (co-partitioned, same count): hash the
-        # raw key over the changelog's partitions, the assignor's map of who holds which.
-        owner = app.assignor.key_store(windows.changelog_topic.get_topic_name(), user_id.encode())
-    except KeyError:
-        raise ServiceUnavailable() from None
-    try:
-        return await app.router._route_req(owner, web, request)  # type: ignore[attr-defined]
-    except SameNode:
-        return None
 
 
 @app.page("/window/{user_id}/")
 async def get_window(web: View, request: Request, user_id: str) -> Response:
-    routed = await _at_owner(web, request, user_id)
+    routed = await at_owner(web, request, user_id)
     if routed is not None:
         return routed
     state = windows.get(user_id)

@@ -58,7 +58,7 @@ class FastPathBatch:
         self.max_events = max_events
         self.wait_s = wait_s
         self.states: dict[str, WindowState] = {}
-        self.applied: list[tuple[str, str]] = []
+        self.applied: list[tuple[str, str, str | None]] = []  # (user, item, the recommendation_id it names)
         self.events: list[Any] = []
         # user -> (the newest applied window, the context of the event that made it): not yet in the table
         self.unwritten: dict[str, tuple[WindowState, contextvars.Context]] = {}
@@ -70,7 +70,8 @@ class FastPathBatch:
         self._pending = asyncio.Event()
         self.lock = asyncio.Lock()  # batches are answered in order: a user's v7 never goes out before v5
 
-    def add(self, event: Any, state: WindowState | None = None, applied: tuple[str, str] | None = None) -> None:
+    def add(self, event: Any, state: WindowState | None = None,
+            applied: tuple[str, str, str | None] | None = None) -> None:
         """``applied``: ``state`` is new (the event was applied) and must reach the table; otherwise ``state``
         is only answered. Called from the stream's iteration, whose context names ``event``."""
         self.events.append(event)
@@ -167,10 +168,10 @@ class FastPathBatch:
             runtime.telemetry.fast_path_batch_events.observe(len(events))
 
 
-async def _answer(states: list[WindowState], applied: list[tuple[str, str]]) -> None:
-    genres = await runtime.item_genres_many([item for _, item in applied])
-    for user_id, item_id in applied:
-        runtime.observe_event(user_id, item_id, genres.get(item_id, ()))
+async def _answer(states: list[WindowState], applied: list[tuple[str, str, str | None]]) -> None:
+    genres = await runtime.item_genres_many([item for _, item, _ in applied])
+    for user_id, item_id, recommendation_id in applied:
+        runtime.observe_event(user_id, item_id, genres.get(item_id, ()), recommendation_id)
     for rec in await build_recommendations(runtime, states, RecommendationPath.fast):
         await recommendations_topic.send(key=rec.user_id.encode(), value=rec.model_dump_json().encode())
         runtime.observe_recommendation(rec)
@@ -241,7 +242,7 @@ async def _handle(event: Any, batch: FastPathBatch, limits: EventLimits) -> None
         state = apply_event(state, ev, msg.partition, msg.offset, s.worker.window_size, s.worker.recent_event_ids,
                             epoch=time.time_ns() // 1_000_000)
         runtime.metrics["events_applied"] += 1
-        applied = (ev.user_id, ev.item_id)
+        applied = (ev.user_id, ev.item_id, ev.recommendation_id)
     runtime.backlog.request(ev.user_id)
     batch.add(event, state, applied)
 

@@ -14,6 +14,7 @@ from cli.base import cli, console, fail, load_settings, progress_bar
 from streams.settings import Settings
 
 SCHEMA_DIR = Path(streams.__file__).parent / "schemas"  # the package data the contracts test compares
+OPENAPI_FILE = Path(streams.__file__).resolve().parents[1] / "docs" / "openapi.json"  # a source checkout's docs
 
 
 # --- index-items -----------------------------------------------------------------------------------------
@@ -111,11 +112,15 @@ def export_student(
 # --- schemas ---------------------------------------------------------------------------------------------
 @cli.command()
 def schemas(out: Annotated[Path, typer.Option(help="directory")] = SCHEMA_DIR) -> None:
-    """Write the JSON Schema of every event contract."""
+    """Write the JSON Schema of every event contract, and docs/openapi.json (the HTTP API)."""
     from streams.events import SCHEMA_MODELS
 
     out.mkdir(parents=True, exist_ok=True)
     for name, model in SCHEMA_MODELS.items():
         (out / f"{name}.schema.json").write_text(json.dumps(model.model_json_schema(), indent=2) + "\n")
     console.print(f"wrote {len(SCHEMA_MODELS)} schemas to {out}")
+    from agents.api.openapi import openapi_document
+
+    OPENAPI_FILE.write_text(json.dumps(openapi_document(), indent=2) + "\n")
+    console.print(f"wrote the HTTP API's OpenAPI description to {OPENAPI_FILE}")
 

@@ -24,6 +24,10 @@ def worker(
     from streams.topics import ensure_topics
 
     settings = load_settings()
+    if settings.api.token is None and settings.worker.web_host not in ("127.0.0.1", "localhost", "::1"):
+        logging.getLogger("slimstream.api").warning(
+            "the HTTP API (/v1) binds %s without SLIMSTREAM_API_TOKEN: anyone who reaches the port can publish "
+            "events and forget users", settings.worker.web_host)
     asyncio.run(ensure_topics(settings))
     from faust.worker import Worker
 

@@ -4,12 +4,13 @@ registry at a time (a file lock)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from retrain.context import CycleResult, Progress, Publish, drift_reason_json
 from retrain.cycle import run_cycle
-from retrain.forget import ForgetLedger
+from retrain.forget import ForgetLedger, scrub_files
 from retrain.recent import RetrainState, load_recent_from_dataset, load_recent_from_kafka
 from streams.datasets import load_items
 from streams.registry import ModelRegistry
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from retrain.distill import DistillConfig
 
 RETRAIN_LOCK = ".retrain.lock"
+log = logging.getLogger(__name__)
 
 
 def default_publisher(settings: Settings, registry: ModelRegistry) -> Publish:
@@ -87,6 +89,7 @@ def _retrain_locked(settings: Settings, registry: ModelRegistry, *, data: str | 
         recent = load_recent_from_dataset(data, state, cap, ForgetLedger.for_settings(settings))
     else:
         recent = asyncio.run(load_recent_from_kafka(settings, state, cap))
+        _forget_on_disk(settings, recent.forgotten)
     catalogue = load_items(data if data is not None else settings.data.dataset)
     result = run_cycle(settings, events=recent.events, catalogue=catalogue, teacher=teacher, encoder=encoder,
                        registry=registry, drift_reason=drift_reason, publish=publish, data_window=recent.window,
@@ -105,6 +108,21 @@ def _retrain_locked(settings: Settings, registry: ModelRegistry, *, data: str | 
             ranker = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
         result = result.model_copy(update={"ranker": ranker})
     return result
+
+
+def _forget_on_disk(settings: Settings, users: list[str]) -> None:
+    """The files' part of forgetting for users whose forget record this cycle read (the worker did the
+    stream's part when it applied the record): the ledger, then their dataset records and cached answers."""
+    if not users:
+        return
+    ledger = ForgetLedger.for_settings(settings)
+    for user in users:
+        if user in ledger:
+            continue  # slimstream forget did it already
+        ledger.add(user)
+        report = scrub_files(settings, user)
+        log.info("forgot a user on disk (forget record read by the cycle): %d record(s) in %d file(s), %d cached "
+                 "answer(s)", report.records, len(report.files), report.cache_rows)
 
 
 __all__ = ["RETRAIN_LOCK", "default_publisher", "retrain_once"]

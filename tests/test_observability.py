@@ -69,6 +69,9 @@ def test_metrics_readiness_and_liveness_of_a_running_worker(tmp_path: Path, data
                 assert status == 503 and body["ready"] is False and not all(
                     body[k] for k in ("store_loaded", "models_loaded", "recovery_done", "partitions_assigned"))
             assert _get(worker.port, "/livez")[0] == 200
+            # No SLIMSTREAM_API_TOKEN (the default, on loopback): the /v1 API needs no credentials.
+            status, body = _get(worker.port, "/v1/recommendations/obs-nobody")
+            assert status == 200 and json.loads(body)["source"] == "fallback"
 
             before = _samples(worker.port)
             assert before.get("slimstream_events_in_total", 0.0) == 0.0
