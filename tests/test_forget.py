@@ -106,6 +106,23 @@ def test_a_retrain_read_of_the_topic_drops_the_events_before_a_forget_and_keeps_
     assert sorted((e.user_id, e.item_id) for e in recent.events) == [("u1", "d"), ("u2", "b"), ("u2", "control"),
                                                                      ("u2", "e")]
     assert recent.window.forgotten_users == 1 and recent.window.invalid == 0
+    assert recent.forgotten == ["u1"]
+
+
+def test_a_retrain_cycle_that_reads_a_forget_record_takes_the_user_off_the_disk(tmp_path: Path) -> None:
+    """DELETE /v1/users/... only sends the control record: the retrain job, which owns the datasets, does the
+    files' part when its read meets the record (and skips a user slimstream forget already handled)."""
+    from retrain.job import _forget_on_disk
+
+    settings = Settings.from_env(data={"data_dir": tmp_path / "data", "registry_dir": tmp_path / "reg"})
+    write_records(tmp_path / "data" / "rationales" / "a.jsonl", [_record("u1", 1), _record("u2", 2)])
+    _forget_on_disk(settings, ["u1"])
+    left = (tmp_path / "data" / "rationales" / "a.jsonl").read_text()
+    assert '"u1"' not in left and '"u2"' in left
+    assert "u1" in ForgetLedger.for_settings(settings) and "u2" not in ForgetLedger.for_settings(settings)
+    lines = ForgetLedger.for_settings(settings).path.read_text().splitlines()
+    _forget_on_disk(settings, ["u1"])  # already in the ledger: not added twice
+    assert ForgetLedger.for_settings(settings).path.read_text().splitlines() == lines
 
 
 def test_the_store_deletes_every_rationale_point_of_the_user(tmp_path: Path) -> None:
