@@ -62,7 +62,7 @@ class Ready(View):
         return self.json({"ready": ready, **checks}, status=200 if ready else 503)
 
 
-def _telemetry_state() -> dict[str, Any]:
+def telemetry_state() -> dict[str, Any]:
     """What agents/telemetry.py exports at each scrape, read from the runtime and Faust's monitor."""
     monitor = app.monitor
     lag = {}
@@ -85,7 +85,7 @@ def _telemetry_state() -> dict[str, Any]:
     }
 
 
-runtime.telemetry.watch(_telemetry_state)
+runtime.telemetry.watch(telemetry_state)
 
 
 @app.page("/metrics")
@@ -99,7 +99,7 @@ class Prometheus(View):
 @app.page("/stats/")
 class Stats(View):
     async def get(self, request: Request) -> Response:
-        return self.json(_stats())
+        return self.json(stats_snapshot())
 
 
 @app.page("/metrics/")
@@ -107,10 +107,10 @@ class Metrics(View):
     """``/stats/`` under its old name (scripts and dashboards written before ``/metrics`` was Prometheus)."""
 
     async def get(self, request: Request) -> Response:
-        return self.json(_stats())
+        return self.json(stats_snapshot())
 
 
-def _stats() -> dict[str, Any]:
+def stats_snapshot() -> dict[str, Any]:
     return {
         "model_swaps": 0,
         "model_swap_failures": 0,

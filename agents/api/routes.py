@@ -35,7 +35,7 @@ def _problem(view: View, exc: ApiError) -> Response:
     return view.json(body, status=exc.status, headers=headers)
 
 
-def _authorize(request: Request) -> None:
+def authorize(request: Request) -> None:
     token = runtime.settings.api.token
     if token is None:
         return
@@ -58,7 +58,7 @@ def _require_ready(*, table: bool) -> None:
 async def _answer(view: View, request: Request, handler: Callable[[], Awaitable[BaseModel]], *,
                   user_id: str | None = None, status: int = 200, table: bool = True) -> Response:
     try:
-        _authorize(request)
+        authorize(request)
         if user_id is not None:
             routed = await at_owner(view, request, user_id)
             if routed is not None:
