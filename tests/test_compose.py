@@ -103,7 +103,7 @@ def test_docker_compose_config_accepts_the_file() -> None:
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip("docker-compose not installed (scripts/install.sh installs Debian's where apt-get can)")
-    for profile_args in ([], ["--profile", "demo", "--profile", "gpu"]):
+    for profile_args in ([], ["--profile", "demo", "--profile", "gpu", "--profile", "observe"]):
         proc = subprocess.run([exe, "-f", str(COMPOSE), *profile_args, "config", "--quiet"], capture_output=True,
                               text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
@@ -329,3 +329,30 @@ def test_the_secure_variant_authenticates_everything_with_secrets_from_files(tmp
     qdrant_config = next(Path(src) for target, src in _mounts(svc["qdrant"]).items()
                          if target == "/qdrant/config/local.yaml")
     assert yaml.safe_load(qdrant_config.read_text())["service"]["api_key"] == api_key
+
+
+def test_the_observe_profile_scrapes_every_worker_and_provisions_the_dashboard(compose: dict) -> None:
+    """Prometheus finds every worker replica by the service's DNS name on the worker's web port and path;
+    Grafana mounts the provisioning and the dashboard from the repo, and the dashboard queries the
+    provisioned datasource (the metric names it uses are checked against a real worker's /metrics in
+    tests/test_observability.py)."""
+    services = compose["services"]
+    assert services["prometheus"]["profiles"] == ["observe"] == services["grafana"]["profiles"]
+    prom = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    job, = prom["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    sd, = job["dns_sd_configs"]
+    assert sd["names"] == ["worker"] and sd["type"] == "A" and sd["port"] == Settings().worker.web_port
+    assert "worker" in services
+    # `docker-compose config` resolves ./deploy/... against the file's directory; our own reading keeps it.
+    mounted = [v["source"] if isinstance(v, dict) else v.split(":")[0]
+               for name in ("prometheus", "grafana") for v in services[name]["volumes"]]
+    binds = [Path(m) if m.startswith("/") else ROOT / m for m in mounted if m.startswith(("./", "/"))]
+    assert len(binds) == 3 and all(b.exists() and (ROOT / "deploy") in b.resolve().parents for b in binds), binds
+    datasource, = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"]
+    assert datasource["url"] == "http://prometheus:9090"
+    dashboard = json.loads((ROOT / "deploy/grafana/dashboards/slimstream.json").read_text())
+    assert dashboard["panels"] and len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == datasource["uid"]
+        assert panel["targets"] and all(t["expr"].strip() for t in panel["targets"])
