@@ -5,7 +5,8 @@ they sent before it, and the window agent applies it in that order, in the recor
 
 * the window: a changelog tombstone (``del windows[user]``), so a restart or a new owner recovers nothing,
   with either table store; a pending write of this batch is dropped first so it cannot bring the window back;
-* the rationale points in Qdrant (the user's point id and any point whose payload names the user);
+* the rationale points in Qdrant (the user's point id and any point whose payload names the user) and
+  the user's preference point;
 * what the worker keeps in memory: the rationale request, the drift judge's last recommendation, the pull
   API's newest recommendations and the user's attribution records;
 * the recommendations topic: a tombstone (null value) under the user's key, so a compacted topic and the
@@ -49,6 +50,8 @@ async def forget_in_stream(user_id: str, batch: PendingWindows) -> int:
         store = runtime.store
         assert store is not None
         points = await runtime.in_store(store.delete_rationales, user_id)
+        if await runtime.in_store(store.delete_preference, user_id):
+            runtime.preference_users = max(0, runtime.preference_users - 1)
         await recommendations_topic.send(key=user_id.encode(), value=None)
     runtime.metrics["users_forgotten"] += 1
     log.info("forgot user %r: window %s, %d rationale point(s), recommendation tombstone sent",

@@ -93,6 +93,10 @@ async def user_page(user_id: str) -> tuple[int, str]:
                ("rationale written by", _e(user.rationale_model_version or "none yet")
                 + ("" if rec.rationale_current else ' <span class="muted">(for an earlier window)</span>'))])
         + "<h2>Why: the student's rationale</h2>" + rationale
+        + "<h2>Your preference</h2>" + (
+            f"<p>{_e(user.preference)} <span class=muted>(used by the ranker: "
+            f"{_e(runtime.settings.retrieval.preference_mode)})</span></p>" if user.preference else
+            '<p class="muted">None set (PUT /v1/users/{user}/preference).</p>')
         + f"<h2>Recommendations ({len(rec.items)})</h2><table><tr><th>#</th><th>title</th><th>genres</th>"
         + "<th class=num>score</th><th>why</th></tr>" + "".join(rec_rows) + "</table>"
         + f"<h2>Window ({len(user.window)} items, newest first)</h2><table><tr><th>title</th><th>genres</th>"

@@ -8,6 +8,9 @@ ranker knows gets its training popularity order. Without one (nothing promoted y
 items, against the items' text vectors. Either way the items already in the window are excluded, and each
 answer names the ranker version and the student that served it.
 
+A user who set a preference (PUT /v1/users/{id}/preference) has it folded into that input
+(``retrieval.preference_mode``: averaged with the rationale vector, or instead of it).
+
 One call serves a whole batch of users with a few store round trips (their rationales; for the text ranker the
 union of their recent items' vectors and one batched search) and one batched ranker call, so the cost of
 answering a backlog grows with the users in it, not with its events.
@@ -51,6 +54,11 @@ async def build_recommendations(
     lookup = [st.user_id for st in states if st.user_id not in given]
     stored = await rt.in_store(rt.store.get_rationales, lookup) if lookup else {}
     chosen = [given.get(st.user_id) or stored.get(st.user_id) for st in states]
+    if rt.preference_users > 0:
+        prefs = await rt.in_store(rt.store.get_preferences, [st.user_id for st in states])
+        if prefs:
+            mode = rt.settings.retrieval.preference_mode
+            chosen = [with_preference(r, prefs.get(st.user_id), mode) for st, r in zip(states, chosen)]
     served = rt.rankers.served  # taken once: a swap during this batch does not mix versions
     if served is not None:
         ranked = await _rank(rt, served, states, chosen, k or rt.settings.retrieval.top_k)
@@ -79,6 +87,20 @@ async def build_recommendations(
             recommendation_id=rec_id,
         ))
     return out
+
+
+def with_preference(rationale: Rationale | None, preference: Rationale | None, mode: str) -> Rationale | None:
+    """The ranker's rationale input with the user's preference: both unit vectors averaged (blend) or the
+    preference alone (replace). The payload stays the rationale's: its text is the explanation, and whether
+    it is current still says whether the student has read the newest window."""
+    if preference is None:
+        return rationale
+    pref = preference[0] / (float(np.linalg.norm(preference[0])) or 1.0)
+    if rationale is None or mode == "replace":
+        return pref.astype(np.float32), (rationale[1] if rationale else {})
+    mixed = rationale[0] / (float(np.linalg.norm(rationale[0])) or 1.0) + pref
+    norm = float(np.linalg.norm(mixed))
+    return (mixed / norm if norm > 0 else pref).astype(np.float32), rationale[1]
 
 
 async def _rank(rt: Runtime, served: Served, states: Sequence[WindowState],

@@ -119,6 +119,7 @@ class Runtime:
         self.recent = RecentRecommendations(settings.api.cache_users, settings.api.recent_recommendations)
         self.attribution = Attribution()
         self.trending = Trending()
+        self.preference_users = 0  # users with a preference in the store (counted at start, kept by the API)
 
     # -- start-up -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -131,6 +132,8 @@ class Runtime:
         student_f = loop.run_in_executor(self._student_pool, self._load_student)
         self.encoder = await encoder_f
         self.store = await self.in_store(self._open_store)
+        # Preferences cost one store lookup per answered batch, only once any user has set one.
+        self.preference_users = await self.in_store(self.store.count_preferences)
         # The trained ranker before the first answer: the fast path waits for store_ready only.
         await self.rankers.start(self.store)
         self.store_ready.set()

@@ -201,6 +201,12 @@ class RetrievalSettings(Section):
         description="memory: exact dot products over the ranker's item table; qdrant: its per-version collection.")
     ranker_deadline_s: float = Field(5.0, gt=0, json_schema_extra=_env("SLIMSTREAM_RANKER_DEADLINE_S"),
                                      description="Deadline of one batched ranker call.")
+    # A user's own preference text (PUT /v1/users/{id}/preference) goes where the rationale vector goes:
+    # blend: the two unit vectors averaged (the student's reading of the window plus what the user says);
+    # replace: the preference alone wherever the user set one.
+    preference_mode: Literal["blend", "replace"] = Field(
+        "blend", json_schema_extra=_env("SLIMSTREAM_PREFERENCE_MODE"),
+        description="blend: preference and rationale vectors averaged; replace: the preference instead.")
 
 
 class StudentSettings(Section):

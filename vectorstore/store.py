@@ -16,6 +16,7 @@ read-then-write check relies on a single writer. The worker gives the store one 
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
@@ -71,6 +72,8 @@ class VectorStore:
         self.settings = settings
         self.items_collection = settings.qdrant.collection_items
         self.rationales_collection = settings.qdrant.collection_rationales
+        # What users said they want (PUT /v1/users/{id}/preference), embedded like a rationale: one point each.
+        self.preferences_collection = f"{settings.qdrant.collection_rationales}_preferences"
         self.local = not settings.qdrant.url
         if settings.qdrant.url:
             self.location = settings.qdrant.url
@@ -94,8 +97,9 @@ class VectorStore:
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def ensure_collections(self, dim: int) -> None:
-        """Create both collections (cosine, ``dim``) if missing; refuse existing ones of another size."""
-        for name, key in ((self.items_collection, "item_id"), (self.rationales_collection, "user_id")):
+        """Create the collections (cosine, ``dim``) if missing; refuse existing ones of another size."""
+        for name, key in ((self.items_collection, "item_id"), (self.rationales_collection, "user_id"),
+                          (self.preferences_collection, "user_id")):
             if self.client.collection_exists(name):
                 size = self._vector_size(name)
                 if size != dim:
@@ -324,6 +328,43 @@ class VectorStore:
             self.client.delete(self.rationales_collection, wait=True,
                                points_selector=models.PointIdsList(points=sorted(found)))
         return len(found)
+
+    # -- preferences: the user's own words, an input of the ranker beside (or instead of) the rationale --------
+    def upsert_preference(self, user_id: str, vector: np.ndarray, text: str) -> None:
+        vec = np.asarray(vector, dtype=np.float32).reshape(-1)
+        if not np.all(np.isfinite(vec)) or not np.any(vec):
+            raise ValueError("preference vector must be finite and non-zero")
+        self.client.upsert(self.preferences_collection, wait=True, points=[models.PointStruct(
+            id=user_point_id(user_id), vector=vec.tolist(),
+            payload={"user_id": user_id, "text": text, "updated_at": time.time()})])
+
+    def get_preferences(self, user_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
+        """user_id -> (unit vector, payload with ``text``) of those ``user_ids`` that set a preference."""
+        if not self.client.collection_exists(self.preferences_collection):
+            return {}
+        out: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
+        for rec in self._retrieve(self.preferences_collection, [user_point_id(u) for u in user_ids],
+                                  with_payload=True, with_vectors=True):
+            payload = dict(rec.payload or {})
+            if rec.vector is not None and "user_id" in payload:
+                out[payload["user_id"]] = (np.asarray(rec.vector, dtype=np.float32), payload)
+        return out
+
+    def delete_preference(self, user_id: str) -> bool:
+        """Delete the user's preference; whether there was one."""
+        if not self.client.collection_exists(self.preferences_collection):
+            return False
+        found = self._retrieve(self.preferences_collection, [user_point_id(user_id)], with_payload=False,
+                               with_vectors=False)
+        if found:
+            self.client.delete(self.preferences_collection, wait=True,
+                               points_selector=models.PointIdsList(points=[user_point_id(user_id)]))
+        return bool(found)
+
+    def count_preferences(self) -> int:
+        if not self.client.collection_exists(self.preferences_collection):
+            return 0
+        return self.count(self.preferences_collection)
 
     def rationale_points(self) -> list[dict[str, Any]]:
         """Payloads of all stored rationales (for tests and operations)."""

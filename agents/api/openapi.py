@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from agents.api.protocol import API_VERSION, RESPONSES
+from agents.api.protocol import API_VERSION, RESPONSES, PreferenceRequest
 from streams.events import InteractionEvent
 
 REF = "#/components/schemas/{model}"
@@ -30,7 +30,9 @@ _USER = {"name": "user_id", "in": "path", "required": True, "schema": {"type": "
 
 
 def openapi_document() -> dict[str, Any]:
-    _, defs = models_json_schema([(m, "serialization") for m in (*RESPONSES.values(), InteractionEvent)],
+    requests = (PreferenceRequest, InteractionEvent)  # what clients send: their validation schema
+    _, defs = models_json_schema([(m, "validation" if m in requests else "serialization")
+                                  for m in (*RESPONSES.values(), InteractionEvent)],
                                  ref_template=REF)
     batch = {"oneOf": [{"$ref": REF.format(model="InteractionEvent")},
                        {"type": "array", "items": {"$ref": REF.format(model="InteractionEvent")}},
@@ -71,6 +73,16 @@ def openapi_document() -> dict[str, Any]:
                 "delete": {"summary": "Forget the user (the forget control record)", "parameters": [_USER],
                            "responses": {"202": _json("ForgetAccepted", "The forget record is on the user's partition"),
                                          **_problems(400, 401, 503)}}},
+            "/v1/users/{user_id}/preference": {
+                "put": {"summary": "Set the user's own preference text (a ranker input; never a prompt)",
+                        "parameters": [_USER],
+                        "requestBody": {"required": True, "content": {"application/json": {
+                            "schema": {"$ref": REF.format(model="PreferenceRequest")}}}},
+                        "responses": {"200": _json("PreferenceResponse", "Stored; the user was answered again"),
+                                      **_problems(400, 401, 413, 422, 502, 503)}},
+                "delete": {"summary": "Remove the user's preference", "parameters": [_USER],
+                           "responses": {"200": _json("PreferenceResponse", "Removed; the user was answered again"),
+                                         **_problems(401, 502, 503)}}},
         },
     }
 

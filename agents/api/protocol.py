@@ -80,6 +80,28 @@ class UserResponse(BaseModel):
     rationale_model_version: str | None = None
     rationale_window_version: int | None = None
     latest_recommendation_id: str | None = Field(None, description="The newest recommendation this worker sent.")
+    preference: str | None = Field(None, description="The user's own preference text (null: none set).")
+
+
+PREFERENCE_MAX_CHARS = 500
+
+
+class PreferenceRequest(BaseModel):
+    """``PUT /v1/users/{user_id}/preference``: what the user says they want, in their words. It is embedded
+    and used as a ranker input like the rationale; it is data, never sent to a model as instructions."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: str = Field(min_length=1, max_length=PREFERENCE_MAX_CHARS,
+                      description="e.g. 'more documentaries, no horror' (whitespace is collapsed).")
+
+
+class PreferenceResponse(BaseModel):
+    user_id: str
+    preference: str | None = Field(description="The stored text (null after a DELETE).")
+    mode: Literal["blend", "replace"] = Field(description="How the ranker uses it (SLIMSTREAM_PREFERENCE_MODE).")
+    recommendation_id: str | None = Field(description=(
+        "The fresh recommendation published with the change (null: the user has no window yet)."))
 
 
 class ForgetAccepted(BaseModel):
@@ -95,8 +117,9 @@ class ForgetAccepted(BaseModel):
 
 RESPONSES: dict[str, type[BaseModel]] = {
     "Problem": Problem, "RecommendationsResponse": RecommendationsResponse, "EventsAccepted": EventsAccepted,
-    "UserResponse": UserResponse, "ForgetAccepted": ForgetAccepted,
+    "UserResponse": UserResponse, "ForgetAccepted": ForgetAccepted, "PreferenceRequest": PreferenceRequest,
+    "PreferenceResponse": PreferenceResponse,
 }
 
-__all__ = ["API_VERSION", "AcceptedEvent", "ApiItem", "EventsAccepted", "ForgetAccepted", "Problem",
-           "RESPONSES", "RecommendationsResponse", "UserResponse"]
+__all__ = ["API_VERSION", "AcceptedEvent", "ApiItem", "EventsAccepted", "ForgetAccepted", "PREFERENCE_MAX_CHARS",
+           "PreferenceRequest", "PreferenceResponse", "Problem", "RESPONSES", "RecommendationsResponse", "UserResponse"]

@@ -6,6 +6,7 @@ JSON in and out; what each endpoint does is in agents/api/serving.py, its bodies
 ``POST   /v1/events``                        publish one or a batch of interaction events (all or none)
 ``GET    /v1/users/{user_id}``              the user's window and rationale
 ``DELETE /v1/users/{user_id}``              forget the user (the ``forget`` control record)
+``PUT    /v1/users/{user_id}/preference``   set the user's own preference text (``DELETE``: remove it)
 ==========================================  =========================================================
 """
 
@@ -19,12 +20,12 @@ from faust.web import Request, Response, View
 from pydantic import BaseModel
 
 from agents.api.protocol import Problem
-from agents.api.serving import (ApiError, parse_filters, publish_events, recommendations, request_forget,
-                                 user_view, validate_events)
+from agents.api.serving import (ApiError, parse_filters, parse_preference, publish_events, recommendations,
+                                 request_forget, set_preference, user_view, validate_events)
 from agents.routing import at_owner
 from agents.state import runtime
-from streams.app import app, interactions_topic, windows
-from streams.events import EventLimits
+from streams.app import app, interactions_topic, recommendations_topic, windows
+from streams.events import EventLimits, Recommendation
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,17 @@ async def _answer(view: View, request: Request, handler: Callable[[], Awaitable[
     return view.json(model.model_dump(mode="json"), status=status)
 
 
+async def _body(request: Request) -> bytes:
+    limit = runtime.settings.api.max_body_bytes
+    size = request.content_length  # type: ignore[attr-defined]
+    if size is not None and size > limit:
+        raise ApiError(413, f"body of {size} bytes; at most {limit} (SLIMSTREAM_API_MAX_BODY_BYTES)")
+    body = await request.read()
+    if len(body) > limit:
+        raise ApiError(413, f"body of {len(body)} bytes; at most {limit} (SLIMSTREAM_API_MAX_BODY_BYTES)")
+    return body
+
+
 @app.page("/v1/recommendations/{user_id}")
 class RecommendationsView(View):
     async def get(self, request: Request, user_id: str) -> Response:
@@ -86,12 +98,7 @@ class EventsView(View):
     async def post(self, request: Request) -> Response:
         async def handle() -> BaseModel:
             s = runtime.settings
-            size = request.content_length  # type: ignore[attr-defined]
-            if size is not None and size > s.api.max_body_bytes:
-                raise ApiError(413, f"body of {size} bytes; at most {s.api.max_body_bytes} (SLIMSTREAM_API_MAX_BODY_BYTES)")
-            body = await request.read()
-            if len(body) > s.api.max_body_bytes:
-                raise ApiError(413, f"body of {len(body)} bytes; at most {s.api.max_body_bytes}")
+            body = await _body(request)
             events = validate_events(body, EventLimits.from_settings(s), s.api.max_events)
             accepted = await publish_events(interactions_topic, events, s.api.publish_timeout_s)
             runtime.metrics["api_events_published"] += accepted.accepted
@@ -119,4 +126,26 @@ class UsersView(View):
         return await _answer(self, request, handle, status=202, table=False)
 
 
-__all__ = ["EventsView", "RecommendationsView", "UsersView"]
+async def _publish_recommendation(rec: Recommendation) -> None:
+    await recommendations_topic.send(key=rec.user_id.encode(), value=rec.model_dump_json().encode())
+    runtime.observe_recommendation(rec)
+
+
+@app.page("/v1/users/{user_id}/preference")
+class PreferenceView(View):
+    async def put(self, request: Request, user_id: str) -> Response:
+        async def handle() -> BaseModel:
+            body = await _body(request)
+            return await set_preference(runtime, user_id, windows.get(user_id), parse_preference(body),
+                                        _publish_recommendation)
+
+        return await _answer(self, request, handle, user_id=user_id)
+
+    async def delete(self, request: Request, user_id: str) -> Response:
+        async def handle() -> BaseModel:
+            return await set_preference(runtime, user_id, windows.get(user_id), None, _publish_recommendation)
+
+        return await _answer(self, request, handle, user_id=user_id)
+
+
+__all__ = ["EventsView", "PreferenceView", "RecommendationsView", "UsersView"]

@@ -17,8 +17,8 @@ from typing import Any
 import pydantic_core
 from pydantic import ValidationError
 
-from agents.api.protocol import (AcceptedEvent, ApiItem, EventsAccepted, ForgetAccepted, RecommendationsResponse,
-                                 UserResponse)
+from agents.api.protocol import (AcceptedEvent, ApiItem, EventsAccepted, ForgetAccepted, PreferenceRequest,
+                                 PreferenceResponse, RecommendationsResponse, UserResponse)
 from agents.recommend import build_recommendations
 from agents.runtime import Runtime
 from streams.events import (EventLimits, ForgetUser, InteractionEvent, InvalidEvent, Recommendation,
@@ -227,7 +227,8 @@ async def request_forget(topic: Any, user_id: str, timeout_s: float) -> ForgetAc
 async def user_view(rt: Runtime, user_id: str, raw_window: Mapping[str, Any] | None) -> UserResponse:
     assert rt.store is not None
     stored = (await rt.in_store(rt.store.get_rationales, [user_id])).get(user_id)
-    if raw_window is None and stored is None:
+    pref = (await rt.in_store(rt.store.get_preferences, [user_id])).get(user_id) if rt.preference_users else None
+    if raw_window is None and stored is None and pref is None:
         raise ApiError(404, f"no window and no rationale for user {user_id!r}")
     state = WindowState.model_validate(raw_window) if raw_window is not None else None
     window = list(state.items) if state else []
@@ -242,8 +243,50 @@ async def user_view(rt: Runtime, user_id: str, raw_window: Mapping[str, Any] | N
         rationale=payload.get("rationale") if stored else None,
         rationale_model_version=payload.get("model_version"),
         rationale_window_version=payload.get("window_version"),
-        latest_recommendation_id=latest.recommendation_id if latest else None)
+        latest_recommendation_id=latest.recommendation_id if latest else None,
+        preference=pref[1].get("text") if pref else None)
 
 
-__all__ = ["ApiError", "Filters", "parse_filters", "publish_events", "recommendations", "request_forget",
-           "user_view", "validate_events"]
+# --- preferences --------------------------------------------------------------------------------------------
+def parse_preference(body: bytes) -> str:
+    """The preference text of a PUT body, whitespace collapsed; 400/422 saying why not."""
+    try:
+        request = PreferenceRequest.model_validate_json(body)
+    except ValidationError as exc:
+        status = 400 if any(e["type"] == "json_invalid" for e in exc.errors()) else 422
+        raise ApiError(status, f"invalid preference: {describe_validation_error(exc)}") from None
+    text = " ".join(request.text.split())  # newlines and tabs are layout, not meaning
+    if not text:
+        raise ApiError(422, "invalid preference: text is blank")
+    if not text.isprintable():
+        bad = next(c for c in text if not c.isprintable())
+        raise ApiError(422, f"invalid preference: must be printable text (found U+{ord(bad):04X})")
+    return text
+
+
+async def set_preference(rt: Runtime, user_id: str, raw_window: Mapping[str, Any] | None, text: str | None,
+                         publish: Any) -> PreferenceResponse:
+    """Store (``text``) or delete (None) the user's preference, then answer the user again so the topic and
+    the pull API reflect it at once. ``publish(rec)`` sends a recommendation to the topic."""
+    assert rt.store is not None
+    if text is None:
+        if await rt.in_store(rt.store.delete_preference, user_id):
+            rt.preference_users = max(0, rt.preference_users - 1)
+    else:
+        vector, = await rt.encode([text])
+        had = user_id in await rt.in_store(rt.store.get_preferences, [user_id]) if rt.preference_users else False
+        await rt.in_store(rt.store.upsert_preference, user_id, vector, text)
+        rt.preference_users += 0 if had else 1
+    rt.metrics["api_preferences_set" if text is not None else "api_preferences_deleted"] += 1
+    rec_id = None
+    if raw_window is not None:
+        rec, = await build_recommendations(rt, [WindowState.model_validate(raw_window)], RecommendationPath.pull,
+                                           id_extra=f"preference={text or ''}")
+        await publish(rec)
+        rec_id = rec.recommendation_id
+    return PreferenceResponse(user_id=user_id, preference=text, mode=rt.settings.retrieval.preference_mode,
+                              recommendation_id=rec_id)
+
+
+__all__ = ["ApiError", "Filters", "parse_filters", "parse_preference", "publish_events", "recommendations",
+           "request_forget", "set_preference", "user_view", "validate_events"]
