@@ -106,6 +106,17 @@ class Attribution:
         return out
 
 
+class ArmCounts:
+    """Per A/B arm: impressions, judged events and hits (the online hit rate), attributed events and hits."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def add(self, arm: str, key: str, n: int = 1) -> None:
+        arm_counts = self.counts.setdefault(arm, {})
+        arm_counts[key] = arm_counts.get(key, 0) + n
+
+
 class Trending:
     """Items of this worker's recent events, each event's weight halving every ``half_life`` events after it:
     what a user nobody knows yet is shown (the popularity fallback of a stream, not of a training set).
@@ -141,4 +152,4 @@ class Trending:
         return len(self._counts)
 
 
-__all__ = ["OUTCOMES", "Attribution", "RecentRecommendations", "Sent", "Trending"]
+__all__ = ["OUTCOMES", "ArmCounts", "Attribution", "RecentRecommendations", "Sent", "Trending"]

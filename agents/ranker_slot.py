@@ -59,6 +59,7 @@ class RankerSlot:
         self.in_store = in_store
         self.registry = ModelRegistry.rankers_for_settings(settings)
         self.served: Served | None = None
+        self.served_b: Served | None = None  # A/B: arm b's pinned ranker (None with ranker_b=text: the text ranker)
         self.last_swap: dict[str, Any] | None = None
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="ranker")
         self._lock = asyncio.Lock()
@@ -99,8 +100,20 @@ class RankerSlot:
                                              [titles.get(i, i) for i in ids])
         return Served(ranker, version, titles, collection)
 
+    def served_for(self, arm: str | None) -> Served | None:
+        """What ranks for a user of ``arm``: arm b's pinned ranker where the experiment sets one, else the
+        serving one (None: the text ranker)."""
+        if arm == "b" and self.settings.ab.ranker_b is not None:
+            return self.served_b
+        return self.served
+
     async def start(self, store: VectorStore) -> None:
-        """Serve the registry's CURRENT ranker if there is one (and the setting asks for it)."""
+        """Serve the registry's CURRENT ranker if there is one (and the setting asks for it), and arm b's."""
+        pinned = self.settings.ab.ranker_b if self.settings.ab.enabled else None
+        if pinned not in (None, "text"):
+            # Like arm b's student: a version that does not load stops the worker.
+            self.served_b = await self.load(pinned, store)
+            log.info("A/B: arm b's ranker %s", pinned)
         if not self.enabled:
             return
         version = await asyncio.to_thread(self.registry.current)

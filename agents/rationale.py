@@ -28,7 +28,7 @@ from agents.recommend import build_recommendations
 from agents.runtime import DeadlineExceeded
 from agents.state import owned_partitions, runtime
 from models.prompts import build_slim_messages, prompt_item, sanitize_generated_text
-from models.student_base import StudentError, postprocess_rationale
+from models.student_base import StudentBackend, StudentError, postprocess_rationale
 from streams.app import app, recommendations_topic, windows
 from streams.events import RecommendationPath
 from streams.window import WindowState
@@ -120,6 +120,16 @@ async def _without_current_rationale(states: Sequence[WindowState]) -> list[Wind
 
 
 async def _rationalise(states: list[WindowState]) -> None:
+    """One student call per student in use: with an A/B experiment each user's arm picks it."""
+    groups: dict[int, tuple[StudentBackend | None, list[WindowState]]] = {}
+    for st in states:
+        student = runtime.student_for(runtime.arm(st.user_id))
+        groups.setdefault(id(student), (student, []))[1].append(st)
+    for student, group in groups.values():
+        await _rationalise_on(group, student)
+
+
+async def _rationalise_on(states: list[WindowState], student: StudentBackend | None) -> None:
     s = runtime.settings
     store = runtime.store
     assert store is not None
@@ -128,7 +138,6 @@ async def _rationalise(states: list[WindowState]) -> None:
                                     for i in st.items], s.student.prompt_max_items)
                for st in states]
     # The student this batch runs on and is attributed to: a hot swap may replace runtime.student meanwhile.
-    student = runtime.student
     assert student is not None
     t0 = time.monotonic()
     try:

@@ -59,18 +59,29 @@ async def build_recommendations(
         if prefs:
             mode = rt.settings.retrieval.preference_mode
             chosen = [with_preference(r, prefs.get(st.user_id), mode) for st, r in zip(states, chosen)]
-    served = rt.rankers.served  # taken once: a swap during this batch does not mix versions
-    if served is not None:
-        ranked = await _rank(rt, served, states, chosen, k or rt.settings.retrieval.top_k)
-    else:
-        ranked = await _text_rank(rt, states, chosen, k or rt.settings.retrieval.top_k)
+    k = k or rt.settings.retrieval.top_k
+    arms = [rt.arm(st.user_id) for st in states]
+    # One ranker call per ranker in use: every user's arm picks it (taken once per batch, so a swap during it
+    # does not mix versions within a user's answer).
+    groups: dict[int, tuple[Served | None, list[int]]] = {}
+    for n, arm in enumerate(arms):
+        served = rt.rankers.served_for(arm)
+        groups.setdefault(id(served), (served, []))[1].append(n)
+    ranked: list[tuple[list[RecommendedItem], str]] = [([], TEXT_RANKER)] * len(states)
+    for served, members in groups.values():
+        sub_states, sub_chosen = [states[n] for n in members], [chosen[n] for n in members]
+        answers = (await _rank(rt, served, sub_states, sub_chosen, k) if served is not None
+                   else await _text_rank(rt, sub_states, sub_chosen, k))
+        for n, answer in zip(members, answers):
+            ranked[n] = answer
     now = time.time()
     out = []
-    student = rt.model_version
-    for st, (items, label), rationale in zip(states, ranked, chosen):
+    for st, (items, label), rationale, arm in zip(states, ranked, chosen, arms):
         payload = rationale[1] if rationale else {}
+        student_backend = rt.student_for(arm)
+        student = student_backend.model_version if student_backend is not None else None
         rec_id = make_recommendation_id(st.user_id, st.version, path.value, label, student,
-                                        payload.get("window_version"), id_extra)
+                                        payload.get("window_version"), f"{id_extra}|arm={arm or ''}")
         out.append(Recommendation(
             user_id=st.user_id,
             items=items,
@@ -85,6 +96,7 @@ async def build_recommendations(
             ranker_version=label,
             student_version=student,
             recommendation_id=rec_id,
+            arm=arm,
         ))
     return out
 

@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from agents.backlog import RationaleBacklog
-from agents.feedback import Attribution, RecentRecommendations, Trending
+from agents.feedback import ArmCounts, Attribution, RecentRecommendations, Trending
 from agents.ranker_slot import RankerSlot, SwapResult
 from agents.telemetry import Telemetry
+from streams.ab import arm_of
 from streams.drift import DriftMonitor, StaleShare
 from streams.drift_reference import DriftReference, read_drift_reference
 from streams.events import Recommendation
@@ -120,6 +121,8 @@ class Runtime:
         self.attribution = Attribution()
         self.trending = Trending()
         self.preference_users = 0  # users with a preference in the store (counted at start, kept by the API)
+        self.student_b: StudentBackend | None = None  # A/B: arm b's pinned student (settings.ab.student_b)
+        self.arms = ArmCounts()
 
     # -- start-up -------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -141,6 +144,13 @@ class Runtime:
         version, self.student, reference = await student_f
         self.student_version = version
         self._set_drift_reference(reference, clear=False)
+        ab = self.settings.ab
+        if ab.enabled and ab.student_b is not None:
+            # Arm b's student, pinned for the experiment (promotions move arm a only). A version that does not
+            # load stops the worker: an experiment that silently serves one arm would measure nothing.
+            pinned = None if ab.student_b == "base" else ab.student_b
+            self.student_b, _ = await loop.run_in_executor(self._loader_pool, self._load_version, pinned)
+            log.info("A/B: arm b's student %s (share %.2f, salt %r)", self.student_b.model_version, ab.share_b, ab.salt)
         self.models_ready.set()
         log.info("student %s ready (%.1fs); drift reference: %s", self.student.model_version,
                  time.monotonic() - t0, self.drift_reference_source)
@@ -165,6 +175,15 @@ class Runtime:
         if student.model_version != expected:
             raise ValueError(f"loaded student reports {student.model_version!r}, expected {expected!r}")
         return student, read_drift_reference(self.registry, version)
+
+    # -- A/B ------------------------------------------------------------------------------------------------
+    def arm(self, user_id: str) -> str | None:
+        """The user's arm (streams/ab.py), None when no experiment runs."""
+        ab = self.settings.ab
+        return arm_of(user_id, ab.salt, ab.share_b) if ab.enabled else None
+
+    def student_for(self, arm: str | None) -> StudentBackend | None:
+        return self.student_b if arm == "b" and self.student_b is not None else self.student
 
     # -- hot swap ------------------------------------------------------------------------------------------
     @property
@@ -250,6 +269,8 @@ class Runtime:
         """One recommendation sent: the pull API's newest, attribution's impression, the drift judge's."""
         self.recent.add(rec)
         self.attribution.impression(rec)
+        if rec.arm is not None:
+            self.arms.add(rec.arm, "impressions")
         self.stale.add(bool(rec.rationale_current))
         try:
             self.drift.on_recommendation(rec)
@@ -302,16 +323,24 @@ class Runtime:
         """Feed one applied interaction to the trending counts, attribution (when it names the recommendation
         it responds to) and the drift monitor; take the lazy genre reference once the first full window is in."""
         self.trending.add(item_id)
+        arm = self.arm(user_id)
         against = None
         if recommendation_id is not None:
             sent = self.recent.find(user_id, recommendation_id)
-            self.attribution.response(sent, item_id)
+            hit = self.attribution.response(sent, item_id)
             if sent is not None:
                 against = (sent.items, sent.judged_version)
+                if arm is not None:
+                    self.arms.add(arm, "attributed")
+                    self.arms.add(arm, "attributed_hits", int(bool(hit)))
         try:
-            self._observe_event(user_id, item_id, genres, against)
+            judged = self._observe_event(user_id, item_id, genres, against)
         except Exception:
             self.drift_failed("on_event")
+            return
+        if arm is not None and judged is not None:
+            self.arms.add(arm, "judged")
+            self.arms.add(arm, "hits", int(judged))
 
     def forget_user(self, user_id: str) -> None:
         """Drop what memory keeps keyed by the user (the stream's part of forgetting, agents/forget.py)."""
@@ -320,8 +349,8 @@ class Runtime:
         self.recent.forget(user_id)
 
     def _observe_event(self, user_id: str, item_id: str, genres: Sequence[str],
-                       against: tuple[frozenset[str], str | None] | None = None) -> None:
-        self.drift.on_event(user_id, item_id, genres, against)
+                       against: tuple[frozenset[str], str | None] | None = None) -> bool | None:
+        judged = self.drift.on_event(user_id, item_id, genres, against)
         if self.drift.reference.genres is None and len(self.drift.genres) >= self.settings.drift.window_events:
             ref = self.drift.reference
             self.drift.reset_reference(ref.model_copy(update={
@@ -329,6 +358,7 @@ class Runtime:
             }), clear=False)
             self.drift_reference_source = "file+lazy-genres" if self.drift_reference_source == "file" else "lazy"
             log.info("drift: genre reference taken from the first %d events", len(self.drift.genres))
+        return judged
 
     async def item_genres_many(self, item_ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
         """Each item's catalogue genres (``()`` if unknown): cached; the misses cost one store lookup, once."""

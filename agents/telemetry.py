@@ -103,6 +103,18 @@ class _StateCollector(Collector):
         for (ranker, path, outcome), n in sorted(attribution["responses"].items()):
             answered.add_metric([ranker, path, outcome], float(n))
         yield answered
+        arms = s.get("ab") or {}
+        ab_events = CounterMetricFamily("slimstream_ab_events", "A/B, per arm: impressions, judged events and their "
+                                        "hits, attributed events and their hits", labels=["arm", "kind"])
+        ab_rate = GaugeMetricFamily("slimstream_ab_online_hit_rate", "A/B: online hit rate per arm (cumulative)",
+                                    labels=["arm"])
+        for arm, counts in sorted(arms.items()):
+            for kind, n in sorted(counts.items()):
+                ab_events.add_metric([arm, kind], float(n))
+            if counts.get("judged"):
+                ab_rate.add_metric([arm], counts.get("hits", 0) / counts["judged"])
+        yield ab_events
+        yield ab_rate
         info = InfoMetricFamily("slimstream_models", "The versions this worker serves")
         info.add_metric([], {k: str(v) for k, v in s["versions"].items()})
         yield info

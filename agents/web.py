@@ -12,6 +12,7 @@ from faust.web import Request, Response, View
 from agents.routing import at_owner
 from agents.state import owned_partitions, runtime
 from agents.telemetry import CONTENT_TYPE
+from streams.ab import ARMS, arm_report
 from streams.app import app, windows
 
 
@@ -80,9 +81,18 @@ def telemetry_state() -> dict[str, Any]:
         "partitions": owned_partitions(),
         "attribution": {"impressions": dict(runtime.attribution.impressions),
                         "responses": dict(runtime.attribution.responses)},
+        "ab": {arm: dict(c) for arm, c in runtime.arms.counts.items()},
         "versions": {"student": runtime.model_version, "ranker": runtime.rankers.version or "text",
-                     "registry_version": runtime.student_version or "base"},
+                     "registry_version": runtime.student_version or "base", **_arm_b_versions()},
     }
+
+
+def _arm_b_versions() -> dict[str, str]:
+    if not runtime.settings.ab.enabled:
+        return {}
+    student, served = runtime.student_for("b"), runtime.rankers.served_for("b")
+    return {"ab_student_b": student.model_version if student else "none",
+            "ab_ranker_b": served.version if served else "text"}
 
 
 runtime.telemetry.watch(telemetry_state)
@@ -123,7 +133,22 @@ def stats_snapshot() -> dict[str, Any]:
         "drift": runtime.drift_snapshot(),
         "attribution": runtime.attribution.snapshot(),
         "api_cached_users": len(runtime.recent),
+        "ab": ab_snapshot(),
     }
+
+
+def ab_snapshot() -> dict[str, Any]:
+    """The experiment's settings, each arm's versions and this worker's per-arm figures (streams/ab.py)."""
+    ab = runtime.settings.ab
+    if not ab.enabled:
+        return {"enabled": False}
+    versions = {}
+    for arm in ARMS:
+        student, served = runtime.student_for(arm), runtime.rankers.served_for(arm)
+        versions[arm] = {"student": student.model_version if student else None,
+                         "ranker": served.label if served else "text-cosine"}
+    return {"enabled": True, "salt": ab.salt, "share_b": ab.share_b, "versions": versions,
+            **arm_report(runtime.arms.counts)}
 
 
 @app.page("/window/{user_id}/")

@@ -11,7 +11,7 @@ from typer._click import exceptions as click_exc  # typer >= 0.29 vendors click
 
 # Importing a command module registers its commands; ``--help`` lists them in this order.
 from cli import worker  # noqa: F401,I001  (registration)
-from cli import up, events, deploy, models, rankers, teacher, evaluate, retrain, forget  # noqa: F401,E402
+from cli import up, events, deploy, models, rankers, teacher, evaluate, retrain, forget, ab  # noqa: F401,E402
 from cli.base import cli, load_settings
 
 

@@ -114,6 +114,7 @@ class Recommendation(BaseModel):
     recommendation_id: str = Field("", description=(
         "Identifies this answer (a digest of user, window version, path and versions: a redelivered event's "
         "answer repeats it). An interaction event may name it in its recommendation_id (feedback attribution)."))
+    arm: str | None = Field(None, description="The A/B arm that served it (SLIMSTREAM_AB_*); null: no experiment.")
 
 
 DEAD_LETTER_MAX_RAW_BYTES = 65_536  # a dead letter carries values up to this size whole (base64: 87 KiB)

