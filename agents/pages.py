@@ -148,8 +148,31 @@ def operator_page() -> str:
         + f"{_e((drift.get('last_decision') or {}).get('signals', 'none'))}</p>"
         + "<h2>Feedback attribution</h2><table><tr><th>ranker / path</th><th class=num>impressions</th>"
         + "<th class=num>hits</th><th class=num>misses</th><th class=num>hit rate</th></tr>" + att_rows + "</table>"
-        + f"<p class=muted>unattributed responses: {_e(attribution.get('unattributed', 0))}</p>")
+        + f"<p class=muted>unattributed responses: {_e(attribution.get('unattributed', 0))}</p>"
+        + "<h2>A/B arms</h2>" + _ab_section(stats["ab"]))
     return _page("slimstream worker", body, refresh_s=5)
+
+
+def _interval(rate: dict[str, Any]) -> str:
+    if not rate["n"]:
+        return '<span class="muted">no data</span>'
+    lo, hi = rate["ci95"]
+    return f"{rate['rate']:.3f} [{lo:.3f}, {hi:.3f}] (n={rate['n']})"
+
+
+def _ab_section(ab: dict[str, Any]) -> str:
+    if not ab.get("enabled"):
+        return '<p class="muted">No experiment (SLIMSTREAM_AB_ENABLED).</p>'
+    rows = "".join(
+        f"<tr><td>{_e(arm)}</td><td>{_e(ab['versions'][arm]['student'])}</td><td>{_e(ab['versions'][arm]['ranker'])}</td>"
+        f"<td class=num>{block['impressions']}</td><td class=num>{_interval(block['online_hit_rate'])}</td>"
+        f"<td class=num>{_interval(block['attributed_hit_rate'])}</td></tr>" for arm, block in ab["arms"].items())
+    diff = ab.get("online_hit_rate_difference")
+    note = (f"online hit rate, b - a: {diff['b_minus_a']:+.4f} [{diff['ci95'][0]:+.4f}, {diff['ci95'][1]:+.4f}]"
+            if diff else "b - a: not enough data yet")
+    return (f"<p class=muted>salt {_e(ab['salt'])}, arm b share {ab['share_b']:.2f}</p><table><tr><th>arm</th>"
+            "<th>student</th><th>ranker</th><th class=num>impressions</th><th class=num>online HR [95% CI]</th>"
+            f"<th class=num>attributed HR [95% CI]</th></tr>{rows}</table><p class=muted>{_e(note)}</p>")
 
 
 @app.timer(1.0)

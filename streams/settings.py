@@ -355,7 +355,8 @@ class ApiSettings(Section):
     # default); the worker warns when it binds anything else without one.
     token: SecretStr | None = Field(None, description="Bearer token every /v1 request must carry; unset: no auth.")
     max_events: int = Field(1_000, ge=1, description="Events one POST /v1/events may carry.")
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest request body accepted (bytes).")
+    # aiohttp (Faust's web driver) refuses bodies over 1 MiB itself; the same limit here gives the clear 413.
+    max_body_bytes: int = Field(1024 * 1024, ge=1024, le=1024 * 1024, description="Largest request body accepted (bytes).")
     max_k: int = Field(100, ge=1, description="Largest k a GET /v1/recommendations may ask for.")
     cache_users: int = Field(100_000, ge=1, description=(
         "Users whose newest published recommendation this worker keeps for the pull API (least recent dropped; "

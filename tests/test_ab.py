@@ -106,6 +106,8 @@ def test_both_arms_are_served_side_by_side_and_reported(tmp_path: Path, data_dir
             stats = worker.metrics()["ab"]
             with urllib.request.urlopen(f"http://127.0.0.1:{worker.port}/metrics", timeout=5) as resp:
                 prom = resp.read().decode()
+            with urllib.request.urlopen(f"http://127.0.0.1:{worker.port}/ui/", timeout=10) as resp:
+                ops_page = resp.read().decode()
             report_path = tmp_path / "ab.json"
             cli_env = {**env, "SLIMSTREAM_WEB_PORT": "0"}
             proc = subprocess.run([sys.executable, "-m", "cli", "ab-report", "--out", str(report_path)], cwd=ROOT,
@@ -126,6 +128,7 @@ def test_both_arms_are_served_side_by_side_and_reported(tmp_path: Path, data_dir
         assert stats["arms"][arm]["online_hit_rate"]["n"] >= 3 and stats["arms"][arm]["impressions"] >= 6
     assert 'slimstream_ab_events_total{arm="b",kind="attributed_hits"} 3.0' in prom
     assert "slimstream_ab_online_hit_rate" in prom
+    assert "A/B arms" in ops_page and "salt test-ab" in ops_page and "+v0001" in ops_page  # the operator's view
 
     assert proc.returncode == 0, proc.stderr
     report = json.loads(report_path.read_text())

@@ -89,5 +89,6 @@ def test_user_and_operator_pages_render_in_chromium(tmp_path: Path, data_dir: Pa
     assert "slimstream worker" in ops_dom and "events/s" in ops_dom and "Consumer lag" in ops_dom
     assert "Drift signals" in ops_dom and "Feedback attribution" in ops_dom and "Latency (ms)" in ops_dom
     assert "fast_path_batch_s" in ops_dom  # a measured step with its percentiles
+    assert "A/B arms" in ops_dom and "No experiment" in ops_dom
     assert ops_shot.stat().st_size > 10_000
     assert "nobody-here" in missing and "no window and no rationale" in missing
