@@ -358,10 +358,12 @@ class ApiSettings(Section):
     # aiohttp (Faust's web driver) refuses bodies over 1 MiB itself; the same limit here gives the clear 413.
     max_body_bytes: int = Field(1024 * 1024, ge=1024, le=1024 * 1024, description="Largest request body accepted (bytes).")
     max_k: int = Field(100, ge=1, description="Largest k a GET /v1/recommendations may ask for.")
-    cache_users: int = Field(100_000, ge=1, description=(
+    # ~9 KB per user (the recommendation with its rationale, and the attribution records): 20,000 users are
+    # ~180 MB. A user beyond it is answered by ranking on request (source "computed").
+    cache_users: int = Field(20_000, ge=1, description=(
         "Users whose newest published recommendation this worker keeps for the pull API (least recent dropped; "
         "a dropped one is recomputed from the window on request)."))
-    recent_recommendations: int = Field(8, ge=1, description=(
+    recent_recommendations: int = Field(4, ge=1, description=(
         "Recommendations remembered per user for feedback attribution (an event's recommendation_id)."))
     publish_timeout_s: float = Field(10.0, gt=0, description="How long POST /v1/events waits for the broker's acks.")
 
