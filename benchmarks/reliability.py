@@ -133,6 +133,13 @@ def check(bootstrap: str, n_records: int, workers: list[Worker], stores: list[Pa
             rec = json.loads(r.value)
             last[rec["user_id"]] = rec
     stale_recs = [u for u in users if last.get(u, {}).get("window_version") != expected[u].version]
+    # The pull API through the first worker (it forwards to the user's owner): the user's current window, and
+    # where the owner has the newest published answer, exactly the topic's last message.
+    pulled = {u: workers[0].get(f"/v1/recommendations/{u}") for u in users}
+    pull_published = [u for u in users if (pulled[u] or {}).get("source") == "published"]
+    pull_wrong = [u for u in users if pulled[u] is None
+                  or pulled[u].get("current_window_version") != expected[u].version
+                  or (u in pull_published and pulled[u]["recommendation_id"] != last.get(u, {}).get("recommendation_id"))]
     dead = asyncio.run(read_until(bootstrap, S.kafka.topic_dead_letter, lambda rs: False, 2))
     for w in workers:
         w.stop()
@@ -153,6 +160,7 @@ def check(bootstrap: str, n_records: int, workers: list[Worker], stores: list[Pa
             "windows_exact": len(users) - len(behind) - len(wrong), "windows_behind": len(behind),
             "windows_other": len(wrong), "lost_events": lost_events,
             "newest_recommendation_current": len(users) - len(stale_recs), "stale_recommendation_users": len(stale_recs),
+            "pull_api_published": len(pull_published), "pull_api_wrong": len(pull_wrong),
             "rationale_points": len(points), "users_with_2plus_points": twice,
             "users_with_a_rationale": len({p["user_id"] for p in points}),
             "points_newer_than_window": len(future), "dead_letters": len(dead),

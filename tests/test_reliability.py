@@ -24,4 +24,6 @@ def test_nothing_is_lost_when_a_worker_is_killed_mid_replay(mode: str, tmp_path:
     assert row["lost_events"] == 0 and row["windows_exact"] == row["users"], row
     assert row["events_reference"] == 6000 and row["dead_letters"] == 0, row
     assert row["stale_recommendation_users"] == 0, row
+    # GET /v1/recommendations on one worker answers every user, forwarded to the owner where it is the other.
+    assert row["pull_api_wrong"] == 0 and row["pull_api_published"] > 0, row
     assert row["users_with_2plus_points"] == 0 and row["points_newer_than_window"] == 0, row
