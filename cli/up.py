@@ -64,6 +64,8 @@ def up(
         worker_proc = subprocess.Popen([sys.executable, "-m", "cli", "worker"], env=env,
                                        stdout=worker_log, stderr=subprocess.STDOUT, start_new_session=True)
         console.print(f"worker started (pid {worker_proc.pid}, log {logs / 'worker.log'}); Ctrl-C stops everything")
+        web = f"http://{settings.worker.web_host}:{settings.worker.web_port}"
+        console.print(f"HTTP API and pages: {web}/v1/recommendations/<user>, {web}/ui/ (docs/api.md)")
         asyncio.run(_replay_and_show(settings, users, rate, max_events, seed, worker_proc, follow, wait))
     except KeyboardInterrupt:
         console.print("\nstopping ...")
