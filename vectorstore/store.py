@@ -268,9 +268,12 @@ class VectorStore:
 
     def get_rationales(self, user_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
         """user_id -> (unit vector, payload) of those ``user_ids`` that have a stored rationale."""
+        return self._user_points(self.rationales_collection, user_ids)
+
+    def _user_points(self, collection: str, user_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
         out: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
-        for rec in self._retrieve(self.rationales_collection, [user_point_id(u) for u in user_ids],
-                                  with_payload=True, with_vectors=True):
+        for rec in self._retrieve(collection, [user_point_id(u) for u in user_ids], with_payload=True,
+                                  with_vectors=True):
             payload = dict(rec.payload or {})
             if rec.vector is not None and "user_id" in payload:
                 out[payload["user_id"]] = (np.asarray(rec.vector, dtype=np.float32), payload)
@@ -342,13 +345,7 @@ class VectorStore:
         """user_id -> (unit vector, payload with ``text``) of those ``user_ids`` that set a preference."""
         if not self.client.collection_exists(self.preferences_collection):
             return {}
-        out: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
-        for rec in self._retrieve(self.preferences_collection, [user_point_id(u) for u in user_ids],
-                                  with_payload=True, with_vectors=True):
-            payload = dict(rec.payload or {})
-            if rec.vector is not None and "user_id" in payload:
-                out[payload["user_id"]] = (np.asarray(rec.vector, dtype=np.float32), payload)
-        return out
+        return self._user_points(self.preferences_collection, user_ids)
 
     def delete_preference(self, user_id: str) -> bool:
         """Delete the user's preference; whether there was one."""
