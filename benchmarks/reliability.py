@@ -161,6 +161,9 @@ def check(bootstrap: str, n_records: int, workers: list[Worker], stores: list[Pa
             "windows_other": len(wrong), "lost_events": lost_events,
             "newest_recommendation_current": len(users) - len(stale_recs), "stale_recommendation_users": len(stale_recs),
             "pull_api_published": len(pull_published), "pull_api_wrong": len(pull_wrong),
+            "examples_pull_wrong": {u: None if pulled[u] is None else
+                                    [pulled[u].get("source"), pulled[u].get("current_window_version"), expected[u].version]
+                                    for u in pull_wrong[:5]},
             "rationale_points": len(points), "users_with_2plus_points": twice,
             "users_with_a_rationale": len({p["user_id"] for p in points}),
             "points_newer_than_window": len(future), "dead_letters": len(dead),

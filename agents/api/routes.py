@@ -48,8 +48,9 @@ def authorize(request: Request) -> None:
 
 
 def _require_ready(*, table: bool) -> None:
+    # What the fast path needs (the store, and the encoder loaded before it), not the student: a worker that is
+    # still loading its student already answers, exactly as its window agent does.
     missing = [name for name, ok in (("vector store", runtime.store_ready.is_set()),
-                                     ("models", runtime.models_ready.is_set()),
                                      ("table recovery", not table or app.tables.recovery.completed.is_set()))
                if not ok]
     if missing:
