@@ -50,8 +50,7 @@ async def forget_in_stream(user_id: str, batch: PendingWindows) -> int:
         store = runtime.store
         assert store is not None
         points = await runtime.in_store(store.delete_rationales, user_id)
-        if await runtime.in_store(store.delete_preference, user_id):
-            runtime.preference_users = max(0, runtime.preference_users - 1)
+        await runtime.drop_preference(user_id)
         await recommendations_topic.send(key=user_id.encode(), value=None)
     runtime.metrics["users_forgotten"] += 1
     log.info("forgot user %r: window %s, %d rationale point(s), recommendation tombstone sent",

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 
 from agents.forget import window_alive
-from agents.recommend import build_recommendations
+from agents.recommend import build_recommendations, publish_recommendations
 from agents.runtime import DeadlineExceeded
 from agents.state import owned_partitions, runtime
 from models.prompts import build_slim_messages, prompt_item, sanitize_generated_text
@@ -184,10 +184,8 @@ async def _rationalise_on(states: list[WindowState], student: StudentBackend | N
     # Recommend for the newest windows: they may have moved on while the student was thinking, in which case
     # the message says the rationale is not current (and the user is already back in the backlog).
     current = [cur for cur in (_current_state(st.user_id) for st in states if st.user_id in fresh) if cur]
-    for rec in await build_recommendations(runtime, current, RecommendationPath.slow, fresh):
-        await recommendations_topic.send(key=rec.user_id.encode(), value=rec.model_dump_json().encode())
-        runtime.observe_recommendation(rec)
-        runtime.metrics["recommendations_slow"] += 1
+    await publish_recommendations(runtime, recommendations_topic,
+                                  await build_recommendations(runtime, current, RecommendationPath.slow, fresh))
 
 
 async def _sweeper() -> None:

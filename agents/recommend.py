@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -99,6 +100,15 @@ async def build_recommendations(
             arm=arm,
         ))
     return out
+
+
+async def publish_recommendations(rt: Runtime, topic: Any, recs: Sequence[Recommendation]) -> None:
+    """Send each answer keyed by its user, and record it (the pull API's newest, attribution, the drift
+    judge; ``recommendations_<path>`` counted): every path sends its answers through here."""
+    for rec in recs:
+        await topic.send(key=rec.user_id.encode(), value=rec.model_dump_json().encode())
+        rt.observe_recommendation(rec)
+        rt.metrics[f"recommendations_{rec.path.value}"] += 1
 
 
 def with_preference(rationale: Rationale | None, preference: Rationale | None, mode: str) -> Rationale | None:

@@ -20,12 +20,6 @@ _FORWARDED_HEADERS = ("authorization", "content-type", "accept")
 _FORWARD_TIMEOUT_S = 30.0
 
 
-def _ident(url: object) -> tuple[str, int]:
-    host = getattr(url, "host", None) or ""
-    port = getattr(url, "port", None) or 0
-    return host.replace("localhost", "127.0.0.1"), int(port)
-
-
 async def at_owner(web: View, request: Request, user_id: str) -> Response | None:
     """The owner's answer for ``user_id`` (proxied), or None when this worker owns the user's partition."""
     import aiohttp
@@ -36,7 +30,8 @@ async def at_owner(web: View, request: Request, user_id: str) -> Response | None
         owner = app.assignor.key_store(windows.changelog_topic.get_topic_name(), user_id.encode())
     except KeyError:
         raise ServiceUnavailable() from None
-    if _ident(owner) == _ident(app.conf.canonical_url):
+    ident = app.router._urlident  # type: ignore[attr-defined]  # Faust's own same-node test (its _route_req's)
+    if ident(owner) == ident(app.conf.canonical_url):
         return None
     if request.headers.get(ROUTED_HEADER):
         # Forwarded here, yet not ours: the assignment moved meanwhile (a rebalance). The client retries.

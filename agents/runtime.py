@@ -176,6 +176,18 @@ class Runtime:
             raise ValueError(f"loaded student reports {student.model_version!r}, expected {expected!r}")
         return student, read_drift_reference(self.registry, version)
 
+    # -- preferences ----------------------------------------------------------------------------------------
+    async def store_preference(self, user_id: str, vector: np.ndarray, text: str) -> None:
+        assert self.store is not None
+        self.preference_users += int(await self.in_store(self.store.upsert_preference, user_id, vector, text))
+
+    async def drop_preference(self, user_id: str) -> bool:
+        """Delete the user's preference (if any); whether there was one."""
+        assert self.store is not None
+        dropped = await self.in_store(self.store.delete_preference, user_id)
+        self.preference_users = max(0, self.preference_users - int(dropped))
+        return dropped
+
     # -- A/B ------------------------------------------------------------------------------------------------
     def arm(self, user_id: str) -> str | None:
         """The user's arm (streams/ab.py), None when no experiment runs."""

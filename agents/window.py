@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from agents.forget import forget_in_stream
-from agents.recommend import build_recommendations
+from agents.recommend import build_recommendations, publish_recommendations
 from agents.state import runtime
 from streams.app import app, dead_letter_topic, interactions_topic, recommendations_topic, windows
 from streams.events import (DeadLetter, EventLimits, ForgetUser, InvalidEvent, RecommendationPath, dead_letter_key,
@@ -172,10 +172,8 @@ async def _answer(states: list[WindowState], applied: list[tuple[str, str, str |
     genres = await runtime.item_genres_many([item for _, item, _ in applied])
     for user_id, item_id, recommendation_id in applied:
         runtime.observe_event(user_id, item_id, genres.get(item_id, ()), recommendation_id)
-    for rec in await build_recommendations(runtime, states, RecommendationPath.fast):
-        await recommendations_topic.send(key=rec.user_id.encode(), value=rec.model_dump_json().encode())
-        runtime.observe_recommendation(rec)
-        runtime.metrics["recommendations_fast"] += 1
+    await publish_recommendations(runtime, recommendations_topic,
+                                  await build_recommendations(runtime, states, RecommendationPath.fast))
 
 
 @app.agent(interactions_topic)

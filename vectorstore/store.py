@@ -333,13 +333,18 @@ class VectorStore:
         return len(found)
 
     # -- preferences: the user's own words, an input of the ranker beside (or instead of) the rationale --------
-    def upsert_preference(self, user_id: str, vector: np.ndarray, text: str) -> None:
+    def upsert_preference(self, user_id: str, vector: np.ndarray, text: str) -> bool:
+        """Store the user's preference; whether the user had none before (read-then-write is safe: the store
+        has a single writer thread)."""
         vec = np.asarray(vector, dtype=np.float32).reshape(-1)
         if not np.all(np.isfinite(vec)) or not np.any(vec):
             raise ValueError("preference vector must be finite and non-zero")
+        new = not self._retrieve(self.preferences_collection, [user_point_id(user_id)], with_payload=False,
+                                 with_vectors=False)
         self.client.upsert(self.preferences_collection, wait=True, points=[models.PointStruct(
             id=user_point_id(user_id), vector=vec.tolist(),
             payload={"user_id": user_id, "text": text, "updated_at": time.time()})])
+        return new
 
     def get_preferences(self, user_ids: Sequence[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
         """user_id -> (unit vector, payload with ``text``) of those ``user_ids`` that set a preference."""

@@ -25,7 +25,7 @@ from agents.api.serving import (ApiError, parse_filters, parse_preference, publi
 from agents.routing import at_owner
 from agents.state import runtime
 from streams.app import app, interactions_topic, recommendations_topic, windows
-from streams.events import EventLimits, Recommendation
+from streams.events import EventLimits
 
 log = logging.getLogger(__name__)
 
@@ -127,24 +127,19 @@ class UsersView(View):
         return await _answer(self, request, handle, status=202, table=False)
 
 
-async def _publish_recommendation(rec: Recommendation) -> None:
-    await recommendations_topic.send(key=rec.user_id.encode(), value=rec.model_dump_json().encode())
-    runtime.observe_recommendation(rec)
-
-
 @app.page("/v1/users/{user_id}/preference")
 class PreferenceView(View):
     async def put(self, request: Request, user_id: str) -> Response:
         async def handle() -> BaseModel:
             body = await _body(request)
             return await set_preference(runtime, user_id, windows.get(user_id), parse_preference(body),
-                                        _publish_recommendation)
+                                        recommendations_topic)
 
         return await _answer(self, request, handle, user_id=user_id)
 
     async def delete(self, request: Request, user_id: str) -> Response:
         async def handle() -> BaseModel:
-            return await set_preference(runtime, user_id, windows.get(user_id), None, _publish_recommendation)
+            return await set_preference(runtime, user_id, windows.get(user_id), None, recommendations_topic)
 
         return await _answer(self, request, handle, user_id=user_id)
 

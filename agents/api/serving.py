@@ -19,10 +19,10 @@ from pydantic import ValidationError
 
 from agents.api.protocol import (AcceptedEvent, ApiItem, EventsAccepted, ForgetAccepted, PreferenceRequest,
                                  PreferenceResponse, RecommendationsResponse, UserResponse)
-from agents.recommend import build_recommendations
+from agents.recommend import build_recommendations, publish_recommendations
 from agents.runtime import Runtime
 from streams.events import (EventLimits, ForgetUser, InteractionEvent, InvalidEvent, Recommendation,
-                            RecommendationPath, describe_validation_error, parse_event)
+                            RecommendationPath, describe_validation_error, make_recommendation_id, parse_event)
 from streams.window import WindowState
 
 # Items ranked to satisfy one filtered request. A genre filter ranks (nearly) the whole catalogue so that a
@@ -147,12 +147,13 @@ async def _fallback(rt: Runtime, user_id: str, filters: Filters) -> Recommendati
         ranked = [(i, round(c, 4), str(titles.get(i, {}).get("title", i))) for i, c in trending]
     else:
         kind = "popular"
-        popular = served.ranker.popular[:fetch]
+        popular = rt.rankers.popular(served, (), fetch)
         ranked = [(i, float(len(popular) - n), served.titles.get(i, i)) for n, i in enumerate(popular)]
     items = await _items(rt, ranked, filters)
     rt.metrics["api_recommendations_fallback"] += 1
     now = time.time()
-    rec_id = hashlib.sha256(f"{user_id}\x1f{kind}\x1f{filters.key()}\x1f{int(now)}".encode()).hexdigest()[:24]
+    rec_id = make_recommendation_id(user_id, 0, "fallback", kind, rt.model_version, None,
+                                    f"{filters.key()}|t={int(now)}")
     return RecommendationsResponse(
         user_id=user_id, recommendation_id=rec_id, items=items, rationale="", rationale_current=False,
         ranker_version=kind, student_version=rt.model_version, path=None, source="fallback", fallback=kind,  # type: ignore[arg-type]
@@ -265,24 +266,20 @@ def parse_preference(body: bytes) -> str:
 
 
 async def set_preference(rt: Runtime, user_id: str, raw_window: Mapping[str, Any] | None, text: str | None,
-                         publish: Any) -> PreferenceResponse:
-    """Store (``text``) or delete (None) the user's preference, then answer the user again so the topic and
-    the pull API reflect it at once. ``publish(rec)`` sends a recommendation to the topic."""
-    assert rt.store is not None
+                         topic: Any) -> PreferenceResponse:
+    """Store (``text``) or delete (None) the user's preference, then answer the user again on ``topic`` (the
+    recommendations topic) so the topic and the pull API reflect it at once."""
     if text is None:
-        if await rt.in_store(rt.store.delete_preference, user_id):
-            rt.preference_users = max(0, rt.preference_users - 1)
+        await rt.drop_preference(user_id)
     else:
         vector, = await rt.encode([text])
-        had = user_id in await rt.in_store(rt.store.get_preferences, [user_id]) if rt.preference_users else False
-        await rt.in_store(rt.store.upsert_preference, user_id, vector, text)
-        rt.preference_users += 0 if had else 1
+        await rt.store_preference(user_id, vector, text)
     rt.metrics["api_preferences_set" if text is not None else "api_preferences_deleted"] += 1
     rec_id = None
     if raw_window is not None:
         rec, = await build_recommendations(rt, [WindowState.model_validate(raw_window)], RecommendationPath.pull,
                                            id_extra=f"preference={text or ''}")
-        await publish(rec)
+        await publish_recommendations(rt, topic, [rec])
         rec_id = rec.recommendation_id
     return PreferenceResponse(user_id=user_id, preference=text, mode=rt.settings.retrieval.preference_mode,
                               recommendation_id=rec_id)
