@@ -35,6 +35,8 @@ def evaluate(
     bootstrap: Annotated[bool, typer.Option(help="bootstrap confidence intervals instead of the normal approximation")] = False,
     adapter: Annotated[Optional[Path], typer.Option(help="LoRA adapter of the distilled student (default: the registry's CURRENT)")] = None,
     ranker: Annotated[Optional[str], typer.Option(help="the served method's ranker version (default: the ranker registry's CURRENT)")] = None,
+    cold_items: Annotated[Optional[float], typer.Option(min=0.001, max=0.9, help="item cold start: withhold this seeded "
+                                                        "fraction of the items from training and validation")] = None,
 ) -> None:
     """Offline evaluation: leave-one-out, full and sampled-100 ranking, HR/NDCG/coverage/popularity with 95% CIs.
 
@@ -61,7 +63,7 @@ def evaluate(
                 source, names, sample_users=sample_users or None, seed=seed, out_dir=out, sasrec_epochs=sasrec_epochs,
                 run_name=run, limit_users=limit_users, sasrec_config=config,
                 ci="bootstrap" if bootstrap else "normal", settings=settings, adapter_dir=adapter, ranker_version=ranker,
-                keep_going=True,
+                cold_items=cold_items, keep_going=True,
                 progress=lambda message, done, total: progress.update(task, description=message, completed=done,
                                                                       total=total))
         except (ValueError, FileNotFoundError) as exc:  # unknown source, malformed files, too few users

@@ -34,7 +34,8 @@ from models.rankers import HistoryMeanVectors, Ranker, TextRanker
 from models import metrics as M
 from evaluation.slices import cold_start_slices
 from evaluation.report import KS, MAX_CURVE_K, N_NEGATIVES, finite, markdown, plots as write_plots
-from streams.splits import EvalPhase, TrainingData, leave_one_out, restrict_users, sample_user_indices
+from streams.splits import (EvalPhase, TrainingData, leave_one_out, restrict_users, sample_user_indices,
+                            withhold_items)
 from streams.datasets import Item, item_text, load_interactions, load_items
 from streams.settings import Settings
 
@@ -265,6 +266,7 @@ class _PerUser:
 def _score(ranker: Ranker, users: np.ndarray, phase: EvalPhase, negatives: np.ndarray, n_items: int,
            batch_size: int) -> _PerUser:
     fg, ft, sg, st, tops = [], [], [], [], []
+    not_competing = phase.excluded()  # the history, plus any withheld items the user interacted with
     for start in range(0, len(users), batch_size):
         batch = users[start:start + batch_size]
         hist = [phase.histories[u] for u in batch]
@@ -272,7 +274,7 @@ def _score(ranker: Ranker, users: np.ndarray, phase: EvalPhase, negatives: np.nd
         if scores.shape != (len(batch), n_items + 1):
             raise ValueError(f"{ranker.name}: score returned shape {scores.shape}, expected "
                              f"({len(batch)}, {n_items + 1})")
-        excluded = M.history_mask(hist, n_items + 1)
+        excluded = M.history_mask(hist if phase.hidden is None else [not_competing[u] for u in batch], n_items + 1)
         g, t = M.full_rank_counts(scores, phase.targets[batch], excluded)
         fg.append(g), ft.append(t)
         g, t = M.sampled_rank_counts(scores, phase.targets[batch], negatives[batch])
@@ -322,6 +324,7 @@ def run_evaluation(
     batch_size: int = 512,
     adapter_dir: str | Path | None = None,
     ranker_version: str | None = None,
+    cold_items: float | None = None,
     keep_going: bool = False,
     plots: bool = True,
     progress: ProgressFn | None = None,
@@ -333,7 +336,8 @@ def run_evaluation(
     ``limit_users``: keep only this many (seeded) users before splitting — a quick slice for smoke runs.
     ``sasrec_config``: a :class:`models.sasrec.SASRecConfig`; its epochs and seed are set from
     ``sasrec_epochs`` and ``seed``. ``encoder``: a TextEncoder for the text methods (default: the configured
-    MiniLM). ``keep_going``: a method that raises is recorded under ``failed`` and the run goes on (default:
+    MiniLM). ``cold_items``: withhold this seeded fraction of the catalogue from training and validation
+    (:func:`~streams.splits.withhold_items`): the item cold-start protocol. ``keep_going``: a method that raises is recorded under ``failed`` and the run goes on (default:
     the error propagates). Deterministic for a given seed (SASRec: on the same torch thread count).
     """
     t_start = time.monotonic()
@@ -346,6 +350,8 @@ def run_evaluation(
     steps.advance("splitting leave-one-out")
     split = leave_one_out(interactions)
     del interactions
+    if cold_items is not None:
+        split = withhold_items(split, cold_items, seed)
     if split.n_users == 0:
         raise ValueError(f"{source}: no user has at least {split.stats.min_interactions} interactions")
     sample = sample_user_indices(split.n_users, sample_users, seed)
@@ -366,8 +372,8 @@ def run_evaluation(
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seed": seed,
         "args": {"sample_users": sample_users, "limit_users": limit_users, "sasrec_epochs": sasrec_epochs,
-                 "ci": ci, "methods": [m.key for m in resolved]},
-        "protocol": _protocol_text(ci),
+                 "ci": ci, "cold_items": cold_items, "methods": [m.key for m in resolved]},
+        "protocol": _protocol_text(ci, cold_items),
         "split": split.stats.as_dict() | {"items_without_text": ctx.items_without_text},
         "populations": {"all": int(split.n_users), "sample": int(len(sample))},
         # Users with fewer never-interacted items than N_NEGATIVES are ranked against all of them.
@@ -484,8 +490,8 @@ def _write_reports(out: dict[str, Any], run_dir: Path, plots: bool, t_start: flo
     return run_dir
 
 
-def _protocol_text(ci: str) -> dict[str, str]:
-    return {
+def _protocol_text(ci: str, cold_items: float | None = None) -> dict[str, str]:
+    text = {
         "split": "leave-one-out by timestamp (file order breaks ties); repeated (user, item) pairs keep the first; "
                  "users with < 3 items dropped; last item = test, previous = validation, rest = train",
         "fit": "every method fits on training sequences only; SASRec early-stops on validation NDCG@10",
@@ -498,6 +504,13 @@ def _protocol_text(ci: str) -> dict[str, str]:
                    "avg_pop_share = that / number of users",
         "ci": f"95% over users, {'normal approximation' if ci == 'normal' else 'seeded percentile bootstrap'}",
     }
+    if cold_items is not None:
+        text["cold items"] = (f"item cold start: a seeded {cold_items:.0%} of the catalogue is withheld from training "
+                              "and validation (those interactions are removed from the sequences, and a withheld "
+                              "validation item is replaced by the newest remaining one); test targets are kept, so "
+                              "the 'item unseen' slice holds the users whose test item no model saw in training; "
+                              "the removed interactions are neither input nor competitors of the target")
+    return text
 
 
 # --- writing ----------------------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ def markdown(out: dict[str, Any]) -> str:
         f"Split: {s['users']} users, {s['items']} items, {s['train_interactions']} training interactions; "
         f"{s['users_dropped']} users with < {s['min_interactions']} items dropped, {s['repeats_dropped']} repeated "
         f"(user, item) pairs dropped. Seed {out['seed']}. Test phase; 95% CIs (± half-width) over users.",
+        *(["", f"**Item cold start**: {s['items_withheld']} items withheld from training and validation "
+              f"({s['interactions_withheld']} interactions removed); {s['targets_withheld']} test users' target "
+              "is one of them (the 'item unseen' slice)."] if s.get("items_withheld") else []),
         "",
         "Full = ranked against the whole catalogue minus the user's history; sampled-100 = against 100 "
         "seeded negatives the user never interacted with (SLIM's protocol). Pop@10 = mean training "

@@ -259,6 +259,8 @@ class SASRecRanker:
         self.best_epoch: int | None = None
         self.stopped_by: str | None = None
         self.n_items = 0
+        self._unknown: torch.Tensor | None = None  # items unknown at training time (TrainingData.unknown_items)
+        self._known: np.ndarray | None = None
 
     # -- training ----------------------------------------------------------------------------------------------
     def fit(self, data: TrainingData) -> None:
@@ -271,6 +273,11 @@ class SASRecRanker:
         rng = np.random.default_rng([cfg.seed, 0x5A5])
         device = torch.device(cfg.device)
         self.n_items = data.n_items
+        # Items not in the catalogue yet (the item cold-start protocol): no logit, no negative, no competitor.
+        self._unknown = (None if data.unknown_items is None or len(data.unknown_items) == 0
+                         else torch.from_numpy(np.asarray(data.unknown_items, dtype=np.int64)).to(device))
+        self._known = (None if self._unknown is None
+                       else np.setdiff1d(np.arange(1, data.n_items + 1), data.unknown_items))
         net = self._make_net(data).to(device)
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         windows = self._windows(data)
@@ -351,12 +358,17 @@ class SASRecRanker:
                 # matmul shape, and one shape per batch made a bf16 ML-1M run grow to 21 GB.
                 h, tgt, real = _bucket_rows(h, targets[keep])
                 if cfg.negatives is not None and cfg.negatives < self.n_items:
-                    negs = torch.from_numpy(rng.integers(1, self.n_items + 1, cfg.negatives)).to(device)
+                    draw = (rng.integers(1, self.n_items + 1, cfg.negatives) if self._known is None
+                            else self._known[rng.integers(0, len(self._known), cfg.negatives)])
+                    negs = torch.from_numpy(draw).to(device)
                     labels = torch.where(real, 0, IGNORE)
                     loss = nn.functional.cross_entropy(net.sampled_logits(h, tgt, negs).float(), labels,
                                                        ignore_index=IGNORE)
                 else:
-                    loss = nn.functional.cross_entropy(net.logits(h).float(), torch.where(real, tgt, IGNORE),
+                    logits = net.logits(h)
+                    if self._unknown is not None:
+                        logits = logits.index_fill(-1, self._unknown, float("-inf"))
+                    loss = nn.functional.cross_entropy(logits.float(), torch.where(real, tgt, IGNORE),
                                                        ignore_index=IGNORE)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -369,7 +381,10 @@ class SASRecRanker:
     def _validate(self, data: TrainingData) -> float:
         """Validation NDCG@10: full ranking, history excluded, history = the training sequence."""
         scores = self.score(np.arange(data.n_users), data.train)
-        g, t = full_rank_counts(scores, data.valid_targets, history_mask(data.train, data.n_items + 1))
+        excluded = history_mask(data.train, data.n_items + 1)
+        if data.unknown_items is not None:
+            excluded[:, data.unknown_items] = True  # not in the catalogue yet: not a competitor
+        g, t = full_rank_counts(scores, data.valid_targets, excluded)
         return float(ndcg_at_k(g, 10, t).mean())
 
     def _checkpoint_path(self, data: TrainingData) -> Path | None:
@@ -384,6 +399,8 @@ class SASRecRanker:
             h.update(np.asarray(seq, dtype=np.int64).tobytes())
             h.update(b"|")
         h.update(np.asarray(data.valid_targets, dtype=np.int64).tobytes())
+        if data.unknown_items is not None:  # only then: the checkpoints of ordinary runs keep their names
+            h.update(b"unknown:" + np.asarray(data.unknown_items, dtype=np.int64).tobytes())
         self._fingerprint(h)
         return Path(self.cfg.checkpoint_dir) / f"sasrec-{h.hexdigest()[:16]}.pt"
 

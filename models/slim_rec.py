@@ -178,6 +178,14 @@ class SLIMRecRanker(SASRecRanker):
         rdim = None if self.rationales is None else int(self.rationales.vectors.shape[1])
         return _SLIMNet(data.n_items, self.cfg, text, rdim)  # type: ignore[arg-type]
 
+    def fit(self, data: TrainingData) -> None:
+        super().fit(data)
+        if self.cfg.items == "id+text" and data.unknown_items is not None and self.net is not None:
+            # An item unknown at training time has no ID evidence, only its never-trained initial embedding:
+            # zeroed, its text alone represents it (as in the ID-agnostic model) instead of text plus noise.
+            with torch.no_grad():
+                self.net.item_emb.weight[torch.from_numpy(np.asarray(data.unknown_items, dtype=np.int64))] = 0.0
+
     def _windows(self, data: TrainingData) -> dict[str, torch.Tensor]:
         seq, users, target_idx = _user_windows(data.train, self.cfg.max_len)
         out = {"seq": torch.from_numpy(seq), "user": torch.from_numpy(users)}

@@ -25,7 +25,7 @@ validation item. The test item is in neither, so nothing fitted or prompted with
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -50,6 +50,11 @@ class SplitStats:
     items: int  # items of the kept users (padding not counted)
     train_interactions: int
     min_interactions: int = MIN_INTERACTIONS
+    # Item cold start (withhold_items): items taken out of training and validation, the interactions removed
+    # with them, and the users whose test item is one of them (the "item unseen" slice).
+    items_withheld: int = 0
+    interactions_withheld: int = 0
+    targets_withheld: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -68,6 +73,9 @@ class TrainingData:
     item_ids: tuple[str, ...]  # index -> dataset id; item_ids[0] is the padding placeholder ""
     train: tuple[np.ndarray, ...]  # per user: item indices, oldest first
     valid_targets: np.ndarray  # per user: the validation item
+    # Item indices not yet in the catalogue at training time (withhold_items): a trained model must not see
+    # them at all, not even as the negatives of its softmax or as competitors in validation. None: every item.
+    unknown_items: np.ndarray | None = None
 
     @property
     def n_users(self) -> int:
@@ -86,6 +94,15 @@ class EvalPhase:
     name: Phase
     histories: tuple[np.ndarray, ...]  # per user, oldest first: also the items excluded from full ranking
     targets: np.ndarray  # per user: the held-out item
+    # Per user, items they interacted with that no model is shown (withheld items): never an input, but, like
+    # the history, excluded from full ranking and from the sampled negatives. None: there are none.
+    hidden: tuple[np.ndarray, ...] | None = None
+
+    def excluded(self) -> tuple[np.ndarray, ...]:
+        """Per user, every item that is not a competitor of the target: the history and the hidden items."""
+        if self.hidden is None:
+            return self.histories
+        return tuple(np.concatenate([h, x]) for h, x in zip(self.histories, self.hidden))
 
 
 @dataclass(frozen=True)
@@ -98,6 +115,8 @@ class LeaveOneOutSplit:
     valid: np.ndarray  # [n_users] validation item per user
     test: np.ndarray  # [n_users] test item per user
     stats: SplitStats
+    hidden: tuple[np.ndarray, ...] | None = None  # per user: interactions withheld from the models (withhold_items)
+    withheld: np.ndarray | None = None  # the withheld item indices (withhold_items), unknown to training
 
     @property
     def n_users(self) -> int:
@@ -110,20 +129,24 @@ class LeaveOneOutSplit:
 
     def training_data(self) -> TrainingData:
         return TrainingData(n_items=self.n_items, user_ids=self.user_ids, item_ids=self.item_ids,
-                            train=self.train, valid_targets=self.valid.copy())
+                            train=self.train, valid_targets=self.valid.copy(),
+                            unknown_items=None if self.withheld is None else self.withheld.copy())
 
     def phase(self, name: Phase) -> EvalPhase:
         """Histories and targets for ``"valid"`` (history = train) or ``"test"`` (history = train + valid)."""
         if name == "valid":
-            return EvalPhase("valid", self.train, self.valid.copy())
+            return EvalPhase("valid", self.train, self.valid.copy(), self.hidden)
         if name == "test":
             hist = tuple(np.append(t, v).astype(np.int64) for t, v in zip(self.train, self.valid))
-            return EvalPhase("test", hist, self.test.copy())
+            return EvalPhase("test", hist, self.test.copy(), self.hidden)
         raise ValueError(f"unknown phase {name!r}; expected 'valid' or 'test'")
 
     def interacted(self, user: int) -> np.ndarray:
-        """Every item the user ever interacted with (train, validation and test), sorted."""
-        return np.unique(np.append(self.train[user], (self.valid[user], self.test[user])))
+        """Every item the user ever interacted with (train, validation, test and hidden), sorted."""
+        seen = np.append(self.train[user], (self.valid[user], self.test[user]))
+        if self.hidden is not None:
+            seen = np.append(seen, self.hidden[user])
+        return np.unique(seen)
 
 
 def leave_one_out(interactions: Iterable[Interaction], min_interactions: int = MIN_INTERACTIONS) -> LeaveOneOutSplit:
@@ -168,6 +191,53 @@ def leave_one_out(interactions: Iterable[Interaction], min_interactions: int = M
         train_interactions=int(sum(len(t) for t in train)), min_interactions=min_interactions,
     )
     return LeaveOneOutSplit(user_ids, item_ids, tuple(train), valid, test, stats)
+
+
+def withhold_items(split: LeaveOneOutSplit, fraction: float, seed: int,
+                   min_interactions: int = MIN_INTERACTIONS) -> LeaveOneOutSplit:
+    """Item cold start: a seeded ``fraction`` of the catalogue is taken out of training and validation.
+
+    These are items that reach the catalogue (with their text) after the models were trained: every
+    training and validation interaction with one is removed from the user's sequence (kept in ``hidden``, so
+    it is neither an input nor a competitor of the target), and a user's validation item, if withheld, is
+    replaced by the newest remaining item. Test targets stay as they are, so the users whose test item was
+    withheld are judged on an item no model saw in training: the "item unseen" slice of the report, large
+    enough to measure (leave-one-out alone has a handful of such users). The item index is unchanged, so every
+    method ranks the same catalogue at test time; during training the withheld items do not exist
+    (``TrainingData.unknown_items``: no softmax negative, no validation competitor). Users left with fewer than ``min_interactions`` items (train, validation,
+    test) are dropped and counted.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the withheld fraction of items must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng([seed, 0xC01D])  # own stream: the choice must not shift with other draws
+    n_withheld = max(1, int(round(fraction * split.n_items)))
+    withheld = np.zeros(split.n_items + 1, dtype=bool)
+    withheld[1 + rng.choice(split.n_items, size=n_withheld, replace=False)] = True
+    keep: list[int] = []
+    train, valid, hidden = [], [], []
+    removed = dropped_interactions = 0
+    for u in range(split.n_users):
+        seq = np.append(split.train[u], split.valid[u]).astype(np.int64)
+        mask = withheld[seq]
+        kept = seq[~mask]
+        if len(kept) + 1 < min_interactions:
+            dropped_interactions += len(seq) + 1
+            continue
+        keep.append(u)
+        removed += int(mask.sum())
+        train.append(kept[:-1])
+        valid.append(kept[-1])
+        hidden.append(seq[mask])
+    users = np.asarray(keep, dtype=np.int64)
+    test = split.test[users].copy()
+    st = split.stats
+    stats = replace(st, users_dropped=st.users_dropped + split.n_users - len(keep),
+                    interactions_dropped=st.interactions_dropped + dropped_interactions, users=len(keep),
+                    train_interactions=int(sum(len(t) for t in train)), items_withheld=n_withheld,
+                    interactions_withheld=removed, targets_withheld=int(withheld[test].sum()))
+    return LeaveOneOutSplit(tuple(split.user_ids[u] for u in keep), split.item_ids, tuple(train),
+                            np.asarray(valid, dtype=np.int64), test, stats, tuple(hidden),
+                            np.flatnonzero(withheld).astype(np.int64))
 
 
 def sample_user_indices(n_users: int, n: int | None, seed: int, stream: int = 0x5A3) -> np.ndarray:
