@@ -45,7 +45,34 @@ def _require_llama_cpp() -> Any:
     except ImportError as exc:  # an optional extra: say how to get it
         raise RuntimeError("the llama.cpp backend needs llama-cpp-python: pip install 'slimstream[llamacpp]' "
                            "(compiles llama.cpp, ~6 min on 2 cores)") from exc
+    _keep_process_streams()
     return llama_cpp
+
+
+class _NoRedirect:
+    """Stands in for llama-cpp-python's ``suppress_stdout_stderr``, which with ``verbose=False`` dup2()s
+    /dev/null over file descriptors 1 and 2 while a model loads. Descriptors are process-wide: in a worker
+    every other thread's output vanished meanwhile (Faust's shutdown log of a SIGTERM during the student's
+    load, found by the recovery benchmark). llama.cpp's own messages go through the log callback that
+    ``verbose=False`` already filters at ERROR, so nothing is lost by not redirecting."""
+
+    def __init__(self, disable: bool = True) -> None:
+        pass
+
+    def __enter__(self) -> "_NoRedirect":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _keep_process_streams() -> None:
+    import importlib
+
+    for name in ("llama_cpp.llama", "llama_cpp._internals", "llama_cpp.llama_chat_format"):
+        module = importlib.import_module(name)
+        if hasattr(module, "suppress_stdout_stderr"):
+            module.suppress_stdout_stderr = _NoRedirect
 
 
 def load_llama(gguf: str | os.PathLike[str], *, threads: int, n_ctx: int = 4096, seed: int = 0) -> Llama:

@@ -139,3 +139,32 @@ def test_merged_lora_export_matches_transformers(tmp_path: Path) -> None:
     assert np.corrcoef(_logits_llamacpp(q8, ids), ref)[0, 1] > 0.99
     student = LlamaCppStudent(settings, adapter_dir=adapter)
     assert student.model_version == f"{settings.student.model_version}+lora-x" and student.gguf == q8
+
+
+def test_loading_a_model_does_not_silence_the_process() -> None:
+    """llama-cpp-python's quiet mode points descriptors 1 and 2 at /dev/null while a model loads; in a worker
+    that swallowed every other thread's output meanwhile (Faust's log of a SIGTERM during the student's load).
+    A thread writes to stderr throughout two loads: every line must arrive."""
+    import subprocess
+
+    code = (
+        "import os, sys, threading, time\n"
+        "from models.llamacpp import load_llama\n"
+        "from models.student_base import student_gguf_path\n"
+        "from streams.settings import Settings\n"
+        "stop = threading.Event(); sent = []\n"
+        "def tick():\n"
+        "    while not stop.is_set():\n"
+        "        os.write(2, b'tick %d\\n' % len(sent)); sent.append(1); time.sleep(0.002)\n"
+        "t = threading.Thread(target=tick); t.start()\n"
+        "for _ in range(2):\n"
+        "    load_llama(student_gguf_path(Settings.from_env()), threads=1, n_ctx=256)\n"
+        "stop.set(); t.join()\n"
+        "os.write(2, b'sent %d\\n' % len(sent))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=300, check=True)
+    lines = out.stderr.decode().splitlines()
+    sent = int(next(line for line in lines if line.startswith("sent ")).split()[1])
+    ticks = [line for line in lines if line.startswith("tick ")]
+    assert sent > 20, "the loads were too quick to tell"
+    assert len(ticks) == sent, f"{sent - len(ticks)} of {sent} lines written during the loads were lost"
