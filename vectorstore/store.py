@@ -16,6 +16,7 @@ read-then-write check relies on a single writer. The worker gives the store one 
 
 from __future__ import annotations
 
+import importlib
 import time
 import uuid
 from collections.abc import Collection, Iterator, Sequence
@@ -23,12 +24,22 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from qdrant_client import QdrantClient, models
 
 from streams.settings import Settings
 
 if TYPE_CHECKING:
+    from qdrant_client import models
+
     from streams.datasets import Item
+else:
+    class _Lazy:
+        """``qdrant_client.models``, imported on first use: qdrant_client takes ~0.7 s to import, which a
+        worker paid before Faust even started (the store is opened in a thread while the group is joined)."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(importlib.import_module("qdrant_client.models"), name)
+
+    models = _Lazy()
 
 # Fixed namespaces: changing them would orphan every stored point.
 _ITEM_NAMESPACE = uuid.UUID("6f1c5a52-3b0e-5d8a-9a51-7d0b6a3c9e11")
@@ -75,6 +86,8 @@ class VectorStore:
         # What users said they want (PUT /v1/users/{id}/preference), embedded like a rationale: one point each.
         self.preferences_collection = f"{settings.qdrant.collection_rationales}_preferences"
         self.local = not settings.qdrant.url
+        from qdrant_client import QdrantClient
+
         if settings.qdrant.url:
             self.location = settings.qdrant.url
             key = settings.qdrant.api_key
