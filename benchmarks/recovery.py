@@ -89,6 +89,18 @@ async def fill_changelog(bootstrap: str, records: list[tuple[int, bytes, bytes]]
                   partitions=[p for p, _, _ in records], acks=1, linger_ms=0, max_batch_size=1)
 
 
+def start_worker(bootstrap: str, data_dir: Path, qdrant: Path, store: str, args: argparse.Namespace,
+                 log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """``slimstream worker`` with the ``store`` table store, its output appended to ``log``; (process, web port)."""
+    port = free_port()
+    env = worker_env(bootstrap, data_dir, qdrant, port, args)
+    env["SLIMSTREAM_TABLE_STORE"] = store
+    with open(log, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    return proc, port
+
+
 def start_once(bootstrap: str, data_dir: Path, qdrant: Path, store: str, probe: str, args: argparse.Namespace,
                log: Path) -> dict[str, Any]:
     """Publish a probe event, start a worker, time recovery and the probe's application, stop it gracefully."""
@@ -96,13 +108,8 @@ def start_once(bootstrap: str, data_dir: Path, qdrant: Path, store: str, probe: 
 
     ev = InteractionEvent(user_id=probe, item_id="Toy Story (1995)", event_type="view", timestamp=978_300_100.0)
     asyncio.run(publish(bootstrap, S.kafka.topic_interactions, [(probe.encode(), ev.model_dump_json().encode())]))
-    port = free_port()
-    env = worker_env(bootstrap, data_dir, qdrant, port, args)
-    env["SLIMSTREAM_TABLE_STORE"] = store
     t0 = time.monotonic()
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=ROOT, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc, port = start_worker(bootstrap, data_dir, qdrant, store, args, log)
     recovered = applied = None
     try:
         while time.monotonic() - t0 < args.timeout:
@@ -177,14 +184,9 @@ def run_filled_by_events(n: int, args: argparse.Namespace, template: Path, work:
         t = time.monotonic()
         asyncio.run(publish(broker.bootstrap_servers, S.kafka.topic_interactions, events))
         say(f"{n} users: {n} events published in {time.monotonic() - t:.0f}s")
-        port = free_port()
-        env = worker_env(broker.bootstrap_servers, data, qdrant, port, args)
-        env["SLIMSTREAM_TABLE_STORE"] = "rocksdb"
         log = work / f"worker-events-{n}.log"
         t0 = time.monotonic()
-        with open(log, "ab") as out:
-            proc = subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=ROOT, env=env, stdout=out,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+        proc, port = start_worker(broker.bootstrap_servers, data, qdrant, "rocksdb", args, log)
         applied = 0
         try:
             while time.monotonic() - t0 < args.timeout:

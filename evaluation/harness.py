@@ -274,7 +274,7 @@ def _score(ranker: Ranker, users: np.ndarray, phase: EvalPhase, negatives: np.nd
         if scores.shape != (len(batch), n_items + 1):
             raise ValueError(f"{ranker.name}: score returned shape {scores.shape}, expected "
                              f"({len(batch)}, {n_items + 1})")
-        excluded = M.history_mask(hist if phase.hidden is None else [not_competing[u] for u in batch], n_items + 1)
+        excluded = M.history_mask([not_competing[u] for u in batch], n_items + 1)
         g, t = M.full_rank_counts(scores, phase.targets[batch], excluded)
         fg.append(g), ft.append(t)
         g, t = M.sampled_rank_counts(scores, phase.targets[batch], negatives[batch])
@@ -337,8 +337,8 @@ def run_evaluation(
     ``sasrec_config``: a :class:`models.sasrec.SASRecConfig`; its epochs and seed are set from
     ``sasrec_epochs`` and ``seed``. ``encoder``: a TextEncoder for the text methods (default: the configured
     MiniLM). ``cold_items``: withhold this seeded fraction of the catalogue from training and validation
-    (:func:`~streams.splits.withhold_items`): the item cold-start protocol. ``keep_going``: a method that raises is recorded under ``failed`` and the run goes on (default:
-    the error propagates). Deterministic for a given seed (SASRec: on the same torch thread count).
+    (:func:`~streams.splits.withhold_items`): the item cold-start protocol. ``keep_going``: a method that
+    raises is recorded under ``failed`` and the run goes on (default: the error propagates). Deterministic for a given seed (SASRec: on the same torch thread count).
     """
     t_start = time.monotonic()
     resolved = resolve_methods(methods)

@@ -45,7 +45,6 @@ def _require_llama_cpp() -> Any:
     except ImportError as exc:  # an optional extra: say how to get it
         raise RuntimeError("the llama.cpp backend needs llama-cpp-python: pip install 'slimstream[llamacpp]' "
                            "(compiles llama.cpp, ~6 min on 2 cores)") from exc
-    _keep_process_streams()
     return llama_cpp
 
 
@@ -77,6 +76,7 @@ def _keep_process_streams() -> None:
 
 def load_llama(gguf: str | os.PathLike[str], *, threads: int, n_ctx: int = 4096, seed: int = 0) -> Llama:
     llama_cpp = _require_llama_cpp()
+    _keep_process_streams()  # the redirect happens while a model loads: here, not on every generation
     return llama_cpp.Llama(model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                            seed=seed, verbose=False)
 

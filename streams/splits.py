@@ -204,8 +204,8 @@ def withhold_items(split: LeaveOneOutSplit, fraction: float, seed: int,
     withheld are judged on an item no model saw in training: the "item unseen" slice of the report, large
     enough to measure (leave-one-out alone has a handful of such users). The item index is unchanged, so every
     method ranks the same catalogue at test time; during training the withheld items do not exist
-    (``TrainingData.unknown_items``: no softmax negative, no validation competitor). Users left with fewer than ``min_interactions`` items (train, validation,
-    test) are dropped and counted.
+    (``TrainingData.unknown_items``: no softmax negative, no validation competitor). Users left with fewer
+    than ``min_interactions`` items (train, validation, test) are dropped and counted.
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"the withheld fraction of items must be in (0, 1), got {fraction}")

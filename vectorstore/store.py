@@ -37,7 +37,9 @@ else:
         worker paid before Faust even started (the store is opened in a thread while the group is joined)."""
 
         def __getattr__(self, name: str) -> Any:
-            return getattr(importlib.import_module("qdrant_client.models"), name)
+            module = importlib.import_module("qdrant_client.models")
+            globals()["models"] = module  # later lookups go straight to the module
+            return getattr(module, name)
 
     models = _Lazy()
 
