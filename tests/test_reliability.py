@@ -18,7 +18,8 @@ pytestmark = pytest.mark.slow
 def test_nothing_is_lost_when_a_worker_is_killed_mid_replay(mode: str, tmp_path: Path, data_dir: Path,
                                                             indexed_qdrant: Path) -> None:
     args = build_parser().parse_args(["--data-dir", str(data_dir), "--backend", "transformers",
-                                      "--max-new-tokens", "32", "--read-s", "10"])
+                                      "--max-new-tokens", "32", "--read-s", "10",
+                                      "--drain-s", "300"])
     row = run_mode(mode, replay_records(6000), args, indexed_qdrant, tmp_path)
     assert 0 < row["applied_when_killed"] < 6000, row  # killed mid-stream
     assert row["lost_events"] == 0 and row["windows_exact"] == row["users"], row
