@@ -132,8 +132,9 @@ async def _rank(rt: Runtime, served: Served, states: Sequence[WindowState],
     windows = [st.item_ids for st in states]
     vectors = [None if r is None else r[0] for r in chosen]
     ranked = await rt.rankers.rank(served, rt.store, windows, vectors, k)
-    item = RecommendedItem.model_construct  # the ranker's own ids, floats and titles: validating them is the
-    out = []                                # fast path's largest per-user cost and cannot fail
+    # Validated construction: pydantic 2's (compiled) __init__ costs 0.7 us an item here, model_construct 1.7 us.
+    item = RecommendedItem
+    out = []
     for window, hits in zip(windows, ranked):
         if hits is None:
             rt.metrics["recommendations_popular_fallback"] += 1

@@ -9,7 +9,9 @@ event, so Faust files it under that event's partition exactly as an in-stream wr
 holds up to ``worker.fast_path_batch_max`` events and the cost of answering grows with its users, not its
 events (Kafka Streams' record cache does the same:
 consecutive updates of a key are forwarded once); at a trickle a batch is one event, answered within
-``worker.fast_path_batch_wait_s``.
+``worker.fast_path_batch_wait_s``. A full batch is answered in a task while the agent applies the next one's
+events (the ranking runs in the ranker's thread meanwhile); one such answer is in flight at a time, and batches
+are answered in the order they were closed.
 
 Nothing here waits for the student: an applied event marks its user in the rationale backlog
 (:mod:`agents.backlog`), which the rationale loops drain at the student's pace.
@@ -31,7 +33,7 @@ import contextvars
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from agents.forget import forget_in_stream
 from agents.recommend import build_recommendations, publish_recommendations
@@ -69,6 +71,7 @@ class FastPathBatch:
         self._later_failures = 0
         self._pending = asyncio.Event()
         self.lock = asyncio.Lock()  # batches are answered in order: a user's v7 never goes out before v5
+        self._in_flight: asyncio.Future[None] | None = None  # a full batch answered while the next one fills
 
     def add(self, event: Any, state: WindowState | None = None,
             applied: tuple[str, str, str | None] | None = None) -> None:
@@ -122,19 +125,47 @@ class FastPathBatch:
             await self.answer()
 
     async def answer(self) -> None:
+        """Take what is pending and answer it, after every batch taken before it."""
+        taken = self.take()
+        if taken is not None:
+            await self.deliver(taken)
+
+    async def answer_in_background(self) -> None:
+        """Take a full batch and answer it in a task, so the agent applies the next batch's events while this one
+        is ranked (in the ranker's thread) and sent. At most one such answer is in flight: a second full batch
+        waits for it (backpressure), and batches are answered in the order they were taken (the lock is FIFO)."""
+        if self._in_flight is not None:
+            await self._in_flight  # re-raises what the previous answer raised, as an inline answer would
+            self._in_flight = None
+        taken = self.take()
+        if taken is not None:
+            self._in_flight = asyncio.ensure_future(self.deliver(taken))
+            self._in_flight.add_done_callback(_log_failure)
+
+    def cancel(self) -> None:
+        """The agent stops: an answer in flight is dropped (its events were not acked, so they come again)."""
+        if self._in_flight is not None:
+            self._in_flight.cancel()
+
+    def take(self) -> _Taken | None:
+        """Close the pending batch. Synchronous: the windows reach the table before the next event reads it."""
+        states, applied, events = self.states, self.applied, self.events
+        self.states, self.applied, self.events = {}, [], []
+        self.write_windows()
+        self._pending.clear()
+        retrying = bool(self.later) and time.monotonic() >= self._later_due
+        if retrying:
+            # Each waiting user's newest window (the table has it; a forgotten user has none).
+            waiting = {u: WindowState.model_validate(raw) for u in self.later if (raw := windows.get(u))}
+            states = {**waiting, **states}
+            self.later = set()
+        if not events and not retrying:
+            return None
+        return _Taken(states, applied, events)
+
+    async def deliver(self, taken: _Taken) -> None:
+        states, applied, events = taken
         async with self.lock:
-            states, applied, events = self.states, self.applied, self.events
-            self.states, self.applied, self.events = {}, [], []
-            self.write_windows()  # before any await: the next event for these users reads the table
-            self._pending.clear()
-            retrying = bool(self.later) and time.monotonic() >= self._later_due
-            if retrying:
-                # Each waiting user's newest window (the table has it; a forgotten user has none).
-                waiting = {u: WindowState.model_validate(raw) for u in self.later if (raw := windows.get(u))}
-                states = {**waiting, **states}
-                self.later = set()
-            if not events and not retrying:
-                return
             t0 = time.monotonic()
             for delay in (*ANSWER_RETRIES, None):
                 try:
@@ -168,6 +199,17 @@ class FastPathBatch:
             runtime.telemetry.fast_path_batch_events.observe(len(events))
 
 
+class _Taken(NamedTuple):
+    states: dict[str, WindowState]  # the newest window per user (and deferred users due again)
+    applied: list[tuple[str, str, str | None]]
+    events: list[Any]  # to ack once answered
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("fast path: a background answer failed", exc_info=task.exception())
+
+
 async def _answer(states: list[WindowState], applied: list[tuple[str, str, str | None]]) -> None:
     genres = await runtime.item_genres_many([item for _, item, _ in applied])
     for user_id, item_id, recommendation_id in applied:
@@ -197,9 +239,10 @@ async def window_agent(stream):  # type: ignore[no-untyped-def]
                 await _dead_letter(event, f"internal error: {type(exc).__name__}: {exc}")
                 batch.add(event)
             if batch.full:
-                await batch.answer()
+                await batch.answer_in_background()
     finally:
         answering.cancel()
+        batch.cancel()
 
 
 async def _handle(event: Any, batch: FastPathBatch, limits: EventLimits) -> None:

@@ -14,7 +14,7 @@ from faust.tables import TableManager
 
 from streams.faust_compat import commit_bookkeeping_only_on_success
 from streams.kafka_auth import faust_credentials
-from streams.kafka_compat import leave_group_from_generation_zero
+from streams.kafka_compat import leave_group_from_generation_zero, probe_changelog_ends
 from streams.settings import Settings
 from streams.topics import WINDOWS_TABLE
 
@@ -67,6 +67,8 @@ def create_app(settings: Settings) -> faust.App:
     _set_fetch_max_wait(settings.kafka.consumer_fetch_max_wait_ms)
     leave_group_from_generation_zero()  # a stopped worker leaves its group on Tansu too (streams/kafka_compat.py)
     commit_bookkeeping_only_on_success()  # a failed commit is committed again later (streams/faust_compat.py)
+    if settings.kafka.probe_log_end:
+        probe_changelog_ends(settings.kafka)  # recovery reads to the true end of a changelog on Tansu too
     extra = {}
     if settings.kafka.one_record_per_batch:
         # aiokafka always admits the first record into a new batch, so a 1-byte limit means one record per

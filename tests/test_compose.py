@@ -124,6 +124,7 @@ def test_every_app_service_has_known_settings_with_valid_values(compose: dict, m
         assert s.kafka.bootstrap_servers == "kafka:9092"
         assert s.qdrant.url == "http://qdrant:6333" and s.qdrant.api_key is None
         assert not s.kafka.one_record_per_batch, "Apache Kafka needs no Tansu batch workaround"
+        assert not s.kafka.probe_log_end, "Apache Kafka's ListOffsets answer is exact"
         assert s.worker.web_host == "0.0.0.0", "the worker's web port must be reachable from outside its container"
         assert s.student.backend == "llamacpp"
     # The GPU variant: the same env with the openai backend is valid too.

@@ -2,10 +2,11 @@
 
 Tansu answers ListOffsets(latest) with the last *batch's* base offset + 1. When changelog records are
 batched, Faust's recovery believes it has reached the end early and silently drops the rest of the last
-batch. The worker sends one record per batch on Tansu (``kafka.one_record_per_batch``); this test compares,
+batch. The worker's recovery reads each changelog's last batch for its true end (``kafka.probe_log_end``,
+streams/kafka_compat.py); the older workaround, one record per batch, is checked too. These tests compare,
 for every user, the recovered window with the window recomputed from the interactions topic with the
-worker's own rules, so a single lost changelog update fails it. The control case turns the setting off
-and shows the comparison does catch the loss.
+worker's own rules, so a single lost changelog update fails them. The control case turns both off and shows
+the comparison does catch the loss.
 """
 
 from __future__ import annotations
@@ -133,8 +134,15 @@ def restart_and_compare(tmp_path: Path, data_dir: Path, qdrant: Path, **env: str
 @pytest.mark.parametrize("partitions", ["4", "1"])
 def test_restarted_worker_recovers_every_window_exactly(tmp_path, data_dir, indexed_qdrant, partitions) -> None:
     r = restart_and_compare(tmp_path, data_dir, indexed_qdrant, SLIMSTREAM_TOPIC_PARTITIONS=partitions)
-    # One record per batch: the broker's answer is the true end of every changelog partition.
-    assert not r.past_reported_end
+    if partitions == "1":  # the tail's writes shared the last batch: the broker's answer fell short of them
+        assert r.past_reported_end, "the tail's changelog writes should have shared one batch"
+    assert not r.diff, {u: (a and a.get("version"), e.version) for u, (a, e) in r.diff.items()}
+
+
+def test_one_record_per_batch_still_recovers_exactly_without_the_probe(tmp_path, data_dir, indexed_qdrant) -> None:
+    r = restart_and_compare(tmp_path, data_dir, indexed_qdrant, SLIMSTREAM_ONE_RECORD_PER_BATCH="true",
+                            SLIMSTREAM_PROBE_LOG_END="false", SLIMSTREAM_TOPIC_PARTITIONS="1")
+    assert not r.past_reported_end  # one record per batch: the broker's answer is the true end
     assert not r.diff, {u: (a and a.get("version"), e.version) for u, (a, e) in r.diff.items()}
 
 
@@ -142,8 +150,9 @@ def test_a_rocksdb_table_store_keeps_every_window_across_a_restart(tmp_path, dat
     # Faust's RocksDB store: the windows live on the worker's disk and recovery reads only the changelog written
     # since its persisted offsets. A data dir of its own: the state must come from this run alone.
     own = private_data_dir(data_dir, tmp_path / "data")
-    r = restart_and_compare(tmp_path, own, indexed_qdrant, SLIMSTREAM_TABLE_STORE="rocksdb")
-    assert not r.past_reported_end
+    r = restart_and_compare(tmp_path, own, indexed_qdrant, SLIMSTREAM_TABLE_STORE="rocksdb",
+                            SLIMSTREAM_TOPIC_PARTITIONS="1")
+    assert r.past_reported_end, "the tail's changelog writes should have shared one batch"
     assert not r.diff, {u: (a and a.get("version"), e.version) for u, (a, e) in r.diff.items()}
     assert any((own / "faust").rglob("*.sst")) or any((own / "faust").rglob("CURRENT")), "no RocksDB files written"
 
@@ -152,8 +161,8 @@ def test_control_batched_changelog_loses_updates_on_tansu(tmp_path, data_dir, in
     # Faust ends recovery when every partition reached its (mis)reported end; the rest of the last batch of
     # the partition that finishes last is then buffered and never applied. With one partition that
     # partition is always the last one, and the tail events make its last batch hold several records.
-    r = restart_and_compare(tmp_path, data_dir, indexed_qdrant, SLIMSTREAM_ONE_RECORD_PER_BATCH="false",
-                            SLIMSTREAM_TOPIC_PARTITIONS="1")
+    r = restart_and_compare(tmp_path, data_dir, indexed_qdrant, SLIMSTREAM_PROBE_LOG_END="false",
+                            SLIMSTREAM_ONE_RECORD_PER_BATCH="false", SLIMSTREAM_TOPIC_PARTITIONS="1")
     assert r.past_reported_end, "the tail's changelog writes should have shared one batch"
     # Exactly the users with an update past the reported end come back stale: the comparison sees each loss.
     assert set(r.diff) == r.past_reported_end, (set(r.diff), r.past_reported_end)
