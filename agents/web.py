@@ -29,6 +29,7 @@ class Health(View):
             "ranker_version": runtime.rankers.version,
             # Table state is complete only once changelog recovery has finished.
             "recovery_completed": app.tables.recovery.completed.is_set(),
+            "in_recovery": app.tables.recovery.in_recovery,  # reading changelogs after a rebalance, now
             "assigned_partitions": len(app.assignor.assigned_actives()),
             "partitions": sorted(owned_partitions()),  # of the interactions topic (= the windows it serves)
             "uptime_s": round(time.time() - runtime.started_at, 1),

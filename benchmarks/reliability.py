@@ -121,6 +121,12 @@ def committed(bootstrap: str) -> dict[int, int]:
                                          S.kafka.topic_partitions))
 
 
+def serving(health: dict[str, Any]) -> bool:
+    """A worker owns partitions and has read their changelogs (before, its windows answer 503)."""
+    return (health.get("assigned_partitions", 0) > 0 and bool(health.get("recovery_completed"))
+            and not health.get("in_recovery", True))
+
+
 def wait_drained(bootstrap: str, end: dict[int, int], timeout: float, workers: list[Worker]) -> float:
     """Until the group has committed every partition's end offset. A drain that stops short fails with what
     each partition is missing and what each worker says it owns and has applied, not with a bare timeout."""
@@ -291,8 +297,8 @@ def _run_mode(mode: str, records: list[tuple[bytes, bytes]], args: argparse.Name
         if mode == "failover":  # scale back to two: the newcomer gets partitions, the check reads through both
             again = worker(bootstrap, data, qdrant, args, work / f"worker-{mode}-again.log")  # the victim's store
             workers.append(again)
-            wait(lambda: all((w.get("/healthz/") or {}).get("assigned_partitions", 0) > 0 for w in workers), 900,
-                 "two workers with partitions", workers)
+            wait(lambda: all(serving(w.get("/healthz/") or {}) for w in workers), 900,
+                 "two workers with partitions, their tables recovered", workers)
         row["duplicates_absorbed"] = sum(int((w.get("/metrics/") or {}).get("duplicates", 0)) for w in workers)
         row.update(check(bootstrap, n, workers, stores, args))
 
