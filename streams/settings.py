@@ -103,8 +103,9 @@ class KafkaSettings(Section):
                                 "(Tansu); false on Apache Kafka, whose answer is exact.")
     one_record_per_batch: bool = Field(False, description="Send each record as its own batch (the older Tansu "
                                        "workaround; slower).")
-    # 5 ms: the window path's produce requests carry ~5 ms of answers each (spread mix: 1,300 vs 1,100 events/s
-    # at 0) for +1.6 ms on the p99 freshness at 200 events/s (benchmarks/window_path.py, live_replay.py).
+    # 5 ms: the window path's produce requests carry ~5 ms of answers each (spread mix: 1,190-1,309 vs 1,061-1,099
+    # events/s at 0) for +4.6 ms on the p99 freshness at 200 events/s (38.5 -> 43.1 ms; window_path.py,
+    # live_replay.py --rates 200 --modes ranker).
     producer_linger_ms: int = Field(5, ge=0, description="Producer linger: higher batches more records per request.")
     # Tansu does not wake a waiting fetch when data arrives: an empty fetch returns only after its max wait
     # (measured: publish -> receive p50 700 ms at Faust's hard-coded 1500 ms, 27 ms at 100, 3 ms at 10). A short

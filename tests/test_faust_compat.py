@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import faust
@@ -38,6 +39,22 @@ def _consumer() -> tuple[Any, TP, list[dict[TP, int]], dict[TP, int]]:
     return consumer, tp, sent, broker
 
 
+def _fail_first_commit(consumer: Any, sent: list[dict[TP, int]], broker: dict[TP, int],
+                       meanwhile: Callable[[], Awaitable[None]] | None = None) -> None:
+    """The broker commit: the first attempt fails ("already rebalanced", after ``meanwhile``), later ones land."""
+
+    async def commit(offsets: dict[TP, int]) -> bool:
+        sent.append(dict(offsets))
+        if len(sent) == 1:
+            if meanwhile is not None:
+                await meanwhile()
+            return False
+        broker.update(offsets)
+        return True
+
+    consumer._commit = commit
+
+
 def _message(offset: int) -> faust.types.Message:
     return faust.types.Message(TOPIC, 0, offset, time.time(), 0, {}, b"u", b"{}", None)
 
@@ -51,18 +68,13 @@ def test_a_commit_that_meets_a_rebalance_is_made_again_when_its_events_come_agai
     commit_bookkeeping_only_on_success()
     consumer, tp, sent, broker = _consumer()
 
-    async def commit(offsets: dict[TP, int]) -> bool:
-        sent.append(dict(offsets))
-        if len(sent) == 1:
-            # The rebalance completes while this commit is in flight: the partition is revoked and assigned
-            # back, sought to the group's committed offset; the commit then fails with the old generation.
-            await consumer.on_partitions_revoked({tp})
-            consumer._committed_offset[tp] = broker[tp]
-            return False
-        broker.update(offsets)
-        return True
+    async def rebalance() -> None:
+        # The rebalance completes while this commit is in flight: the partition is revoked and assigned back,
+        # sought to the group's committed offset; the commit then fails with the old generation.
+        await consumer.on_partitions_revoked({tp})
+        consumer._committed_offset[tp] = broker[tp]
 
-    consumer._commit = commit
+    _fail_first_commit(consumer, sent, broker, rebalance)
 
     async def scenario() -> None:
         for offset in range(10, 20):  # the partition's last events, all processed
@@ -81,15 +93,7 @@ def test_a_commit_that_meets_a_rebalance_is_made_again_when_its_events_come_agai
 def test_a_failed_commit_without_a_revocation_is_made_with_the_next_one() -> None:
     commit_bookkeeping_only_on_success()
     consumer, tp, sent, broker = _consumer()
-
-    async def commit(offsets: dict[TP, int]) -> bool:
-        sent.append(dict(offsets))
-        if len(sent) == 1:
-            return False  # the partition was kept: its acked list must still lead to the next commit
-        broker.update(offsets)
-        return True
-
-    consumer._commit = commit
+    _fail_first_commit(consumer, sent, broker)  # the partition was kept: its acked list must lead to the next commit
 
     async def scenario() -> None:
         for offset in range(10, 15):
