@@ -83,10 +83,13 @@ def window_records(n: int, size: int, seed: int = 0) -> list[tuple[int, bytes, b
     return out
 
 
-async def fill_changelog(bootstrap: str, records: list[tuple[int, bytes, bytes]]) -> None:
-    # One record per batch, as the worker writes on Tansu: ListOffsets then reports the true end.
+async def fill_changelog(bootstrap: str, records: list[tuple[int, bytes, bytes]], one_per_batch: bool) -> None:
+    """Write the changelog as the worker does: batched with its linger (recovery probes each partition's last
+    batch for the true end, ``streams/kafka_compat.py``), or ``one_per_batch`` as it did before session 13."""
+    batching = ({"linger_ms": 0, "max_batch_size": 1} if one_per_batch
+                else {"linger_ms": S.kafka.producer_linger_ms})
     await publish(bootstrap, S.kafka.changelog_topic(WINDOWS_TABLE), [(k, v) for _, k, v in records],
-                  partitions=[p for p, _, _ in records], acks=1, linger_ms=0, max_batch_size=1)
+                  partitions=[p for p, _, _ in records], acks=1, **batching)
 
 
 def start_worker(bootstrap: str, data_dir: Path, qdrant: Path, store: str, args: argparse.Namespace,
@@ -125,6 +128,7 @@ def start_once(bootstrap: str, data_dir: Path, qdrant: Path, store: str, probe: 
                 break
             time.sleep(0.1)
         users = http_json(f"http://127.0.0.1:{port}/window/rec-0/")
+        mine = http_json(f"http://127.0.0.1:{port}/window/{probe}/")  # the event applied was the probe itself
     finally:
         stop_process(proc, 60.0)
     if applied is None:
@@ -132,7 +136,8 @@ def start_once(bootstrap: str, data_dir: Path, qdrant: Path, store: str, probe: 
     return {"start_to_recovered_s": None if recovered is None else round(recovered, 2),
             "start_to_first_applied_s": None if applied is None else round(applied, 2),
             "stalled": applied is None,
-            "a_recovered_window_has_items": bool(users and users.get("items"))}
+            "a_recovered_window_has_items": bool(users and users.get("items")),
+            "probe_in_window": bool(mine and mine.get("version") == 1)}
 
 
 def run_one(n: int, stores: list[str], args: argparse.Namespace, template: Path, work: Path) -> dict[str, Any]:
@@ -140,11 +145,12 @@ def run_one(n: int, stores: list[str], args: argparse.Namespace, template: Path,
 
     records = window_records(n, S.worker.window_size)
     size = sum(len(k) + len(v) for _, k, v in records)
-    row: dict[str, Any] = {"users": n, "changelog_records": n, "changelog_mb": round(size / 2**20, 1)}
+    row: dict[str, Any] = {"users": n, "changelog_records": n, "changelog_mb": round(size / 2**20, 1),
+                           "changelog_one_record_per_batch": args.one_record_per_batch}
     with EmbeddedBroker(log_path=work / f"tansu-{n}.log") as broker:
         asyncio.run(ensure_topics(S.updated(kafka={"bootstrap_servers": broker.bootstrap_servers})))
         t = time.monotonic()
-        asyncio.run(fill_changelog(broker.bootstrap_servers, records))
+        asyncio.run(fill_changelog(broker.bootstrap_servers, records, args.one_record_per_batch))
         say(f"{n} users: changelog of {row['changelog_mb']} MB written in {time.monotonic() - t:.0f}s")
         for store in stores:
             data = private_data_dir(args.data_dir, work / f"data-{n}-{store}")
@@ -218,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events-users", type=int, nargs="*", default=[],
                     help="also: RocksDB filled by a worker applying one event per user, then a warm restart")
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--keep", action="store_true", help="keep the working directory (logs) at the end")
+    ap.add_argument("--one-record-per-batch", action="store_true",
+                    help="fill the changelog one record per batch (the worker's pre-session-13 writes)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "recovery.json")
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="slimstream-recovery-"))
@@ -242,7 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['users']:>8} {r['changelog_mb']:>6} " + " ".join(f"{str(c if c is not None else 'stall'):>18}"
                                                                     for c in cells))
     print(f"wrote {args.out}")
-    shutil.rmtree(work, ignore_errors=True)
+    if args.keep:
+        print(f"kept {work} (worker and broker logs)")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
