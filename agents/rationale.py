@@ -113,10 +113,16 @@ async def _without_current_rationale(states: Sequence[WindowState]) -> list[Wind
     """Those ``states`` whose stored rationale is older than the window (or missing): one store lookup."""
     if not states:
         return []
+    stale = set(await _stale_users({st.user_id: st.key for st in states}))
+    return [st for st in states if st.user_id in stale]
+
+
+async def _stale_users(keys: dict[str, tuple[int, int]]) -> list[str]:
+    """Those users whose stored rationale is older than their window's key (or missing): one store lookup."""
     store = runtime.store
     assert store is not None
-    stored = await runtime.in_store(store.rationale_keys, [st.user_id for st in states])
-    return [st for st in states if stored.get(st.user_id, (-1, -1)) < st.key]
+    stored = await runtime.in_store(store.rationale_keys, list(keys))
+    return [user_id for user_id, key in keys.items() if stored.get(user_id, (-1, -1)) < key]
 
 
 async def _rationalise(states: list[WindowState]) -> None:
@@ -214,11 +220,9 @@ async def sweep() -> int:
     """Ask again for every owned user whose stored rationale is older than their window (or missing).
 
     Reads only the fields it compares from each raw window (no model validation: at 100,000 users validating
-    every window held the loop for 16 s, past the session timeout, while the partitions had just resumed), and
-    gives the loop back after every chunk: the sweep runs beside the window agent, never in front of it."""
+    every window up front held the loop for 16 s right after recovery), and gives the loop back after every
+    chunk: the sweep runs beside the window agent, never in front of it."""
     owned = owned_partitions()
-    store = runtime.store
-    assert store is not None
     # The keys first (a snapshot: the agent adds users meanwhile), then the values a chunk at a time (RocksDB
     # decodes each value when it is read).
     users = list(windows.keys())
@@ -227,12 +231,9 @@ async def sweep() -> int:
         raws = [windows.get(u) for u in users[start:start + SWEEP_CHUNK]]
         keys = {raw["user_id"]: (int(raw.get("epoch", 0)), int(raw.get("version", 0)))
                 for raw in raws if raw and raw.get("partition", -1) in owned}
-        if keys:
-            stored = await runtime.in_store(store.rationale_keys, list(keys))
-            for user_id, key in keys.items():
-                if stored.get(user_id, (-1, -1)) < key:
-                    runtime.backlog.request(user_id)
-                    asked += 1
+        for user_id in await _stale_users(keys) if keys else ():
+            runtime.backlog.request(user_id)
+            asked += 1
         await asyncio.sleep(0)
     runtime.metrics["rationale_sweep_requests"] += asked
     return asked
