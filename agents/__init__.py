@@ -2,5 +2,5 @@
 and the drift timer) on ``streams.app.app``."""
 
 from agents import drift, model_updates, rationale, state, web, window  # noqa: F401  (registration side effects)
-from agents import pages  # noqa: F401  (the HTML pages)
+from agents import consumer_view, pages  # noqa: F401  (the consumer diagnostic, the HTML pages)
 from agents.api import routes  # noqa: F401  (the /v1 views)

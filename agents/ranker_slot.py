@@ -83,7 +83,8 @@ class RankerSlot:
         if not self.registry.exists(version):
             raise KeyError(f"no ranker version {version!r} in {self.registry.root}")
         ranker = ServedRanker(await self._in_pool(load_ranker, self.registry.version_dir(version)), version)
-        catalogue = await self.in_store(lambda: list(store.scroll_items(with_vectors=ranker.reads_text)))
+        catalogue = await self.in_store(lambda: list(store.scroll_items(with_vectors=ranker.reads_text)),
+                                        bulk=True)
         titles = {p["item_id"]: p.get("title") or p["item_id"] for p, _ in catalogue if "item_id" in p}
         if ranker.reads_text:
             new = [(p["item_id"], v) for p, v in catalogue
@@ -97,7 +98,7 @@ class RankerSlot:
         if self.settings.retrieval.ranker_search == "qdrant":
             ids = ranker.item_ids[1:]
             collection = await self.in_store(store.ensure_ranker_items, version, ids, ranker.item_matrix()[1:],
-                                             [titles.get(i, i) for i in ids])
+                                             [titles.get(i, i) for i in ids], bulk=True)
         return Served(ranker, version, titles, collection)
 
     def served_for(self, arm: str | None) -> Served | None:

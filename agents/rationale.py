@@ -97,7 +97,8 @@ async def _serve(users: Sequence[str]) -> None:
     states = []
     for user_id in users:
         state = _current_state(user_id)
-        if state is None:
+        if state is None:  # forgotten meanwhile (a request is made only once the window is in the table)
+            runtime.metrics["rationale_requests_without_window"] += 1
             continue
         if state.partition not in owned:
             runtime.metrics["rationale_requests_not_owned"] += 1

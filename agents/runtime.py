@@ -134,7 +134,7 @@ class Runtime:
         encoder_f = loop.run_in_executor(self._encoder_pool, load_encoder, self.settings)
         student_f = loop.run_in_executor(self._student_pool, self._load_student)
         self.encoder = await encoder_f
-        self.store = await self.in_store(self._open_store)
+        self.store = await self.in_store(self._open_store, bulk=True)  # may index the whole catalogue
         # Preferences cost one store lookup per answered batch, only once any user has set one.
         self.preference_users = await self.in_store(self.store.count_preferences)
         # The trained ranker before the first answer: the fast path waits for store_ready only.
@@ -417,15 +417,29 @@ class Runtime:
         self.rankers.close()
 
     # -- off-loop calls ------------------------------------------------------------------------------------
-    async def in_store(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._store_pool, _timed,
-                                                                 self.telemetry.store_call, fn, *args)
+    async def in_store(self, fn: Callable[..., T], *args: Any, bulk: bool = False) -> T:
+        """``fn(*args)`` in the store's thread, waited on for at most ``qdrant.deadline_s`` (``bulk``: a
+        catalogue-sized load, no deadline). On timeout the call goes on in its thread (it cannot be killed)
+        and the caller gets :class:`DeadlineExceeded`: its batch is retried later, the loop moves on."""
+        fut = asyncio.get_running_loop().run_in_executor(self._store_pool, _timed, self.telemetry.store_call, fn, *args)
+        if bulk:
+            return await fut
+        return await self._within(fut, self.settings.qdrant.deadline_s, "store",
+                                  f"vector store call {getattr(fn, '__name__', 'call')}")
 
     async def encode(self, texts: Sequence[str]) -> np.ndarray:
         assert self.encoder is not None
-        return await asyncio.get_running_loop().run_in_executor(self._encoder_pool, _timed,
-                                                                 self.telemetry.encoder_call, self.encoder.encode,
-                                                                 list(texts))
+        fut = asyncio.get_running_loop().run_in_executor(self._encoder_pool, _timed, self.telemetry.encoder_call,
+                                                         self.encoder.encode, list(texts))
+        return await self._within(fut, self.settings.encoder.deadline_s, "encoder",
+                                  f"encoder call for {len(texts)} texts")
+
+    async def _within(self, fut: "asyncio.Future[T]", deadline_s: float, name: str, what: str) -> T:
+        try:
+            return await asyncio.wait_for(fut, timeout=deadline_s)
+        except asyncio.TimeoutError:
+            self.metrics[f"{name}_deadline_exceeded"] += 1
+            raise DeadlineExceeded(f"{what} exceeded {deadline_s}s") from None
 
     async def generate(self, batch: Sequence[list[dict[str, str]]],
                        student: "StudentBackend | None" = None) -> list[str]:

@@ -13,8 +13,8 @@ consecutive updates of a key are forwarded once); at a trickle a batch is one ev
 events (the ranking runs in the ranker's thread meanwhile); one such answer is in flight at a time, and batches
 are answered in the order they were closed.
 
-Nothing here waits for the student: an applied event marks its user in the rationale backlog
-(:mod:`agents.backlog`), which the rationale loops drain at the student's pace.
+Nothing here waits for the student: once an applied event's window is in the table its user is marked in the
+rationale backlog (:mod:`agents.backlog`), which the rationale loops drain at the student's pace.
 
 At-least-once: the stream does not ack on its own (``noack``); an event is acked once its batch was
 answered (or it was dead-lettered / re-keyed), so Faust commits no offset whose recommendation has not been
@@ -54,9 +54,14 @@ class FastPathBatch:
     event to ack once the answers are out."""
 
     def __init__(self, ack: Callable[[Any], Awaitable[Any]], max_events: int, wait_s: float,
-                 write: Callable[[WindowState], None]) -> None:
+                 write: Callable[[WindowState], None], written: Callable[[str], None] | None = None) -> None:
         self._ack = ack
         self._write = write
+        # Called with each user once their window is in the table: the rationale backlog's request. Not
+        # earlier: the rationale loop reads the window from the table, and a request taken before the write
+        # (the batch still filling, or its answer slow) found no window for a new user and was dropped, or the
+        # previous window for a known one, so the user got no rationale for it until their next event.
+        self._written = written
         self.max_events = max_events
         self.wait_s = wait_s
         self.states: dict[str, WindowState] = {}
@@ -104,6 +109,8 @@ class FastPathBatch:
         unwritten, self.unwritten = self.unwritten, {}
         for state, ctx in unwritten.values():
             ctx.run(self._write, state)
+            if self._written is not None:
+                self._written(state.user_id)
 
     def _answer_later(self, states: dict[str, WindowState]) -> None:
         self.later.update(states)  # the users: their newest window is read from the table when it is their turn
@@ -224,7 +231,8 @@ async def window_agent(stream):  # type: ignore[no-untyped-def]
     limits = EventLimits.from_settings(s)
     await runtime.store_ready.wait()
     manual = stream.noack()
-    batch = FastPathBatch(manual.ack, s.worker.fast_path_batch_max, s.worker.fast_path_batch_wait_s, _write_window)
+    batch = FastPathBatch(manual.ack, s.worker.fast_path_batch_max, s.worker.fast_path_batch_wait_s, _write_window,
+                          lambda user_id: runtime.backlog.request(user_id))
     answering = asyncio.ensure_future(batch.run())
     try:
         async for event in manual.events():
@@ -284,7 +292,8 @@ async def _handle(event: Any, batch: FastPathBatch, limits: EventLimits) -> None
                             epoch=time.time_ns() // 1_000_000)
         runtime.metrics["events_applied"] += 1
         applied = (ev.user_id, ev.item_id, ev.recommendation_id)
-    runtime.backlog.request(ev.user_id)
+    if applied is None and batch.newest(ev.user_id) is None:
+        runtime.backlog.request(ev.user_id)  # a duplicate of a window already in the table (applied: on write)
     batch.add(event, state, applied)
 
 

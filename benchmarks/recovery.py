@@ -38,6 +38,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -131,6 +132,12 @@ def start_once(bootstrap: str, data_dir: Path, qdrant: Path, store: str, probe: 
             time.sleep(0.1)
         users = http_json(f"http://127.0.0.1:{port}/window/rec-0/")
         mine = http_json(f"http://127.0.0.1:{port}/window/{probe}/")  # the event applied was the probe itself
+        # A stall: what the consumer does (agents/consumer_view.py) and every thread's and task's stack, in the log.
+        stuck = http_json(f"http://127.0.0.1:{port}/consumer/") if applied is None else None
+        if applied is None and proc.poll() is None:
+            for sig in (signal.SIGQUIT, signal.SIGUSR1):
+                os.kill(proc.pid, sig)
+            time.sleep(3)
     finally:
         stop_process(proc, 60.0)
     if applied is None:
@@ -139,7 +146,8 @@ def start_once(bootstrap: str, data_dir: Path, qdrant: Path, store: str, probe: 
             "start_to_first_applied_s": None if applied is None else round(applied, 2),
             "stalled": applied is None,
             "a_recovered_window_has_items": bool(users and users.get("items")),
-            "probe_in_window": bool(mine and mine.get("version") == 1)}
+            "probe_in_window": bool(mine and mine.get("version") == 1),
+            **({"consumer_at_stall": stuck} if applied is None else {})}
 
 
 def run_one(n: int, stores: list[str], args: argparse.Namespace, template: Path, work: Path) -> dict[str, Any]:

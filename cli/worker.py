@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
+import signal
 import sys
 from typing import Annotated
 
@@ -34,6 +36,9 @@ def worker(
     import agents  # noqa: F401  (registers the agents)
     from streams.app import app
 
+    # `kill -QUIT <pid>` prints every thread's Python stack to stderr and the worker goes on: it answers even
+    # when the event loop is blocked (SIGUSR1, Faust's own, lists the asyncio tasks, but only from the loop).
+    faulthandler.register(signal.SIGQUIT, file=sys.stderr, all_threads=True)
     code = 0
     try:
         Worker(app, loglevel=log_level.lower(), quiet=True).execute_from_commandline()

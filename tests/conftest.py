@@ -118,7 +118,35 @@ class WorkerProcess:
             if health is not None and predicate(health):
                 return health
             time.sleep(0.5)
-        raise AssertionError(f"worker not ready after {timeout}s:\n{self.log_tail()}")
+        raise AssertionError(f"worker not ready after {timeout}s:\n{self.log_tail()}\n{self.stacks()}")
+
+    def stacks(self) -> str:
+        """Every thread's stack (SIGQUIT: faulthandler, answered even with the event loop blocked) and the asyncio
+        tasks (SIGUSR1: Faust's dump, from the loop), as the worker wrote them to its log: why it is stuck."""
+        if self.proc is None or self.proc.poll() is not None:
+            return ""
+        size = self.log_path.stat().st_size if self.log_path.exists() else 0
+        for sig in (signal.SIGQUIT, signal.SIGUSR1):
+            os.kill(self.proc.pid, sig)
+        time.sleep(3)
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(size)
+                dump = f.read().decode(errors="replace")
+        except OSError:
+            return "<no log>"
+        # faulthandler's thread stacks, then only the task lists of Faust's dump (its thread stacks repeat them,
+        # and its pprinted locals are noise).
+        keep, in_tasks = [], False
+        for ln in dump.splitlines():
+            if ln.startswith("THREAD "):
+                in_tasks = False
+            elif ln.startswith("TASKS"):
+                in_tasks = True
+            if ln.startswith(("Thread 0x", "Current thread", '  File "')) or (  # a task's frames: '  File "' too
+                    in_tasks and ln.startswith(("TASKS", "  TASK", "Stack for"))):
+                keep.append(ln)
+        return "stacks at the timeout:\n" + "\n".join(keep[:500])
 
     def metrics(self) -> dict:
         return self.get("/metrics/")

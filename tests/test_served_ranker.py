@@ -147,7 +147,7 @@ def test_qdrant_search_of_a_ranker_version_equals_the_in_memory_ranking(tmp_path
     store.upsert_items([Item(item_id=i, title=f"title of {i}") for i in ids], vecs, ["h"] * len(ids))
     pool = ThreadPoolExecutor(1)
 
-    async def in_store(fn, *args):  # type: ignore[no-untyped-def]
+    async def in_store(fn, *args, bulk=False):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
 
     async def scenario():  # type: ignore[no-untyped-def]

@@ -53,6 +53,26 @@ def test_a_duplicate_answered_again_is_not_written() -> None:
     assert writes == []
 
 
+def test_a_user_is_asked_a_rationale_for_only_once_their_window_is_in_the_table() -> None:
+    """The rationale loop reads the window from the table: a request seen before the write found no window (a
+    new user's request was dropped: the CI failure of tests/test_faults.py, a hung student never even asked)."""
+    table: dict[str, int] = {}
+    asked: list[tuple[str, int | None]] = []
+    batch = FastPathBatch(lambda e: asyncio.sleep(0), max_events=100, wait_s=1.0,
+                          write=lambda st: table.__setitem__(st.user_id, st.version),
+                          written=lambda user: asked.append((user, table.get(user))))
+    a = _apply(None, "u1", "x", 0)
+    batch.add("e0", a, ("u1", "x", None))
+    batch.add("e1", _apply(None, "u2", "y", 1), ("u2", "y", None))
+    batch.add("e2", _apply(a, "u1", "z", 2), ("u1", "z", None))
+    assert asked == []  # applied, not yet written: nobody is asked for yet
+    batch.write_windows()
+    assert asked == [("u1", 2), ("u2", 1)]  # once each, with the newest window already in the table
+    batch.add("redelivered", a)  # a duplicate: nothing written, nobody asked for by the batch
+    batch.write_windows()
+    assert len(asked) == 2
+
+
 def test_answers_given_up_while_the_store_is_away_are_sent_once_it_is_back_without_a_new_event(monkeypatch) -> None:
     """The vector store (a remote Qdrant here: it cannot run on this machine) refuses the first five answer
     attempts: the event is acked anyway (its window is durable), and a later round answers the user's newest

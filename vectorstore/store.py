@@ -93,7 +93,8 @@ class VectorStore:
         if settings.qdrant.url:
             self.location = settings.qdrant.url
             key = settings.qdrant.api_key
-            self.client = QdrantClient(url=settings.qdrant.url, api_key=key.get_secret_value() if key else None)
+            self.client = QdrantClient(url=settings.qdrant.url, api_key=key.get_secret_value() if key else None,
+                                       timeout=max(1, round(settings.qdrant.deadline_s)))
         else:
             path = settings.qdrant_path
             path.mkdir(parents=True, exist_ok=True)
