@@ -25,9 +25,12 @@ process's descriptors 1 and 2); on a CPU with AMX every llama.cpp generation seg
 builds without AMX). With one-record batches, at 100,000 users (217.6 MB, ~25,000 batches per changelog
 partition) the first start on a fresh group did not progress: Faust reported no changelog record received in 5
 minutes while the Tansu process sat at 100% CPU (Tansu 0.6.0's fetch cost grows with the number of batches in a
-partition). Batched, as the worker now writes, that read completes (27.6 s, memory store). Not fixed: with the
-memory store at 100,000 users the worker then often does not consume the probe waiting on the interactions
-topic (``probe_in_window`` false, README). On Apache Kafka the batch quirks do not apply.
+partition). Batched, as the worker now writes, that read completes (27.6 s, memory store). Then, with the memory
+store at 100,000 users, the worker often consumed nothing: Faust dropped the records it delivered while it sought
+the input partitions after recovery (streams/faust_resume.py, fixed). A stall is recorded with ``/consumer/`` and
+``/stats/`` (``consumer_at_stall``) and the worker's thread and task stacks in its log: the memory store's
+restart at 100,000 users still stalls in some runs (README, Known limitations). On Apache Kafka the batch quirks
+do not apply.
 """
 
 from __future__ import annotations
@@ -133,7 +136,8 @@ def start_once(bootstrap: str, data_dir: Path, qdrant: Path, store: str, probe: 
         users = http_json(f"http://127.0.0.1:{port}/window/rec-0/")
         mine = http_json(f"http://127.0.0.1:{port}/window/{probe}/")  # the event applied was the probe itself
         # A stall: what the consumer does (agents/consumer_view.py) and every thread's and task's stack, in the log.
-        stuck = http_json(f"http://127.0.0.1:{port}/consumer/") if applied is None else None
+        stuck = ({"consumer": http_json(f"http://127.0.0.1:{port}/consumer/"),
+                  "stats": http_json(f"http://127.0.0.1:{port}/stats/")} if applied is None else None)
         if applied is None and proc.poll() is None:
             for sig in (signal.SIGQUIT, signal.SIGUSR1):
                 os.kill(proc.pid, sig)

@@ -101,6 +101,7 @@ def test_metrics_readiness_and_liveness_of_a_running_worker(tmp_path: Path, data
             after = _samples(worker.port)
             families = _families(worker.port)
             stats = json.loads(_get(worker.port, "/stats/")[1])
+            consumer = json.loads(_get(worker.port, "/consumer/")[1])
         finally:
             worker.stop()
     assert after["slimstream_events_in_total"] == 4.0 == stats["events_in"]
@@ -114,5 +115,10 @@ def test_metrics_readiness_and_liveness_of_a_running_worker(tmp_path: Path, data
     unknown = {m for m in _dashboard_metrics()
                if m not in families and re.sub(r"_(total|bucket|sum|count|info)$", "", m) not in families}
     assert not unknown, f"the dashboard queries metrics the worker does not export: {sorted(unknown)}"
+    # /consumer/: every input partition resumed, past the three applied events (and the dead letter) in all.
+    inputs = [p for p in consumer["aiokafka"]["partitions"] if p["tp"].startswith(S.kafka.topic_interactions + "[")]
+    assert consumer["flow_active"] and consumer["recovery_completed"] and len(inputs) == S.kafka.topic_partitions
+    assert not any(p["paused"] for p in inputs) and sum(p["position"] for p in inputs) == 4
+    assert not any(tp.startswith(S.kafka.topic_interactions + "[") for tp in consumer["faust_paused"])
     info = next(k for k in after if k.startswith("slimstream_models_info{"))
     assert "student=smollm2-135m-instruct-base" in info
