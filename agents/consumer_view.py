@@ -34,6 +34,7 @@ def consumer_snapshot() -> dict[str, Any]:
         "faust_buffered": _tps(getattr(consumer, "_buffered_partitions", None)),
     }
     committed = getattr(consumer, "_committed_offset", {}) or {}
+    read = getattr(consumer, "_read_offset", {}) or {}
     aio = getattr(getattr(consumer, "_thread", None), "_consumer", None)
     if aio is None:
         out["aiokafka"] = "missing"
@@ -54,6 +55,8 @@ def consumer_snapshot() -> dict[str, Any]:
             "highwater": getattr(state, "highwater", None),
             "buffered": None if buffered is None else type(buffered).__name__,
             "faust_committed": committed.get(tp),
+            # The last offset Faust's fetcher handed to the agents' queues (it drops anything at or below it).
+            "faust_read": read.get(tp),
         })
     out["aiokafka"] = {
         "partitions": partitions,
