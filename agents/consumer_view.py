@@ -33,6 +33,16 @@ def consumer_snapshot() -> dict[str, Any]:
         "faust_paused": _tps(getattr(consumer, "_paused_partitions", None)),
         "faust_buffered": _tps(getattr(consumer, "_buffered_partitions", None)),
     }
+    # Where the conductor routes each input partition's records: the channels registered at the assignment and
+    # how many records wait in each one's queue (a record fetched but never read by an agent sits here).
+    conductor = app.topics
+    routes = {}
+    for tp, channels in list((getattr(conductor, "_tp_index", {}) or {}).items()):
+        routes[_tp(tp)] = [{"channel": type(ch).__name__, "iterator": getattr(ch, "is_iterator", None),
+                            "queued": ch.queue.qsize() if getattr(ch, "_queue", None) is not None else None}
+                           for ch in list(channels)]
+    out["conductor_routes"] = routes
+    out["conductor_topics"] = len(getattr(conductor, "_topics", ()) or ())
     committed = getattr(consumer, "_committed_offset", {}) or {}
     read = getattr(consumer, "_read_offset", {}) or {}
     aio = getattr(getattr(consumer, "_thread", None), "_consumer", None)

@@ -120,5 +120,7 @@ def test_metrics_readiness_and_liveness_of_a_running_worker(tmp_path: Path, data
     assert consumer["flow_active"] and consumer["recovery_completed"] and len(inputs) == S.kafka.topic_partitions
     assert not any(p["paused"] for p in inputs) and sum(p["position"] for p in inputs) == 4
     assert not any(tp.startswith(S.kafka.topic_interactions + "[") for tp in consumer["faust_paused"])
+    routes = [consumer["conductor_routes"][p["tp"]] for p in inputs]  # each input partition reaches a channel
+    assert all(routes) and all(ch["queued"] in (0, None) for r in routes for ch in r)
     info = next(k for k in after if k.startswith("slimstream_models_info{"))
     assert "student=smollm2-135m-instruct-base" in info
