@@ -68,7 +68,7 @@ def create_app(settings: Settings) -> faust.App:
     _set_fetch_max_wait(settings.kafka.consumer_fetch_max_wait_ms)
     leave_group_from_generation_zero()  # a stopped worker leaves its group on Tansu too (streams/kafka_compat.py)
     commit_bookkeeping_only_on_success()  # a failed commit is committed again later (streams/faust_compat.py)
-    clear_queues_before_resuming_streams()  # no record dropped as streams resume (streams/faust_resume.py)
+    clear_queues_before_resuming_streams()  # records dropped as streams resume are read again (streams/faust_resume.py)
     if settings.kafka.probe_log_end:
         probe_changelog_ends(settings.kafka)  # recovery reads to the true end of a changelog on Tansu too
     extra = {}

@@ -17,16 +17,18 @@ the start never reached the agent (the committed offset stayed unset; ``/consume
 paused, its position past the probe, nothing buffered). A 30 s changelog read leaves plenty prefetched and makes
 the window wide; shorter recoveries hit it less often.
 
-:func:`clear_queues_before_resuming_streams` installs the same method in the safe order: seek while the stream
-partitions are still paused, then clear the queues, then resume the partitions (records fetched from then on
-stay); a stream partition with no committed offset is sought to its beginning (the group's ``earliest`` reset:
-what was read before is read again, and the window agent recognises every redelivered event). Installed only
-where the installed Faust has the body it replaces.
+:func:`clear_queues_before_resuming_streams` wraps that method: once it has run, every input partition without a
+committed offset is sought to its beginning (the group's ``earliest`` reset) and Faust's read offset for it
+forgotten, so what the clear dropped is read again (and what was delivered since comes twice: the window agent
+recognises every redelivered event). Partitions with a committed offset keep Faust's own handling. A first
+version reordered the method instead (seek while paused, clear, resume); with it a failover survivor stopped
+reading a partition it had kept (its fetch position at the end, Faust's read offset at the committed one, nothing
+delivered), in CI and here, so Faust's order stays. Installed only where the installed Faust has the body this
+was written against.
 """
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 from typing import Any
@@ -38,7 +40,7 @@ _RACY = ("consumer.resume_partitions(", "consumer.perform_seek()", "self.complet
 
 
 def clear_queues_before_resuming_streams() -> bool:
-    """Install the reordered ``Recovery.on_recovery_completed``. Idempotent; True if installed."""
+    """Wrap ``Recovery.on_recovery_completed`` (see above). Idempotent; True if installed."""
     from faust.tables.recovery import Recovery
 
     current = Recovery.on_recovery_completed
@@ -48,57 +50,36 @@ def clear_queues_before_resuming_streams() -> bool:
     positions = [source.find(part) for part in _RACY]
     if -1 in positions or positions != sorted(positions):
         return False  # another body (a Faust with its own fix): leave it alone
+    global _UPSTREAM
+    _UPSTREAM = current
     Recovery.on_recovery_completed = _on_recovery_completed  # type: ignore[method-assign]
     return True
 
 
+_UPSTREAM: Any = None  # Faust's own method, wrapped
+
+
 async def _on_recovery_completed(self: Any, generation_id: int = 0) -> None:
-    """faust-streaming 0.15.3's ``Recovery.on_recovery_completed``: seek, clear, then resume the streams."""
-    from typing import cast
-
+    """Faust's ``on_recovery_completed``, then every input partition without a committed offset read again from
+    its beginning: whatever the fetcher delivered for it before the queues were cleared is delivered again (the
+    window agent recognises every redelivered event). Partitions with a committed offset were sought back there
+    by Faust itself."""
+    await _UPSTREAM(self, generation_id)
     consumer = self.app.consumer
-    self.log.info("Restore complete!")
-    await self.app.on_rebalance_complete.send()
-    self._set_recovery_ended()
-    callback_coros = [
-        asyncio.ensure_future(table.on_recovery_completed(self.actives_for_table[table],
-                                                          self.standbys_for_table[table]))
-        for table in self.tables.values()
-    ]
-    if callback_coros:
-        await asyncio.wait(callback_coros)
-    assignment = consumer.assignment()
-    if self.app.consumer_generation_id != generation_id:
-        self.log.warning(f"Recovery rebalancing again app id {self.app.consumer_generation_id} "
-                         f"param {generation_id}")
+    if self.app.consumer_generation_id != generation_id or not self.completed.is_set():
+        return  # another rebalance came first: its own recovery does this again
+    never_committed = sorted(tp for tp in consumer.assignment()
+                             if not self._is_changelog_tp(tp) and consumer._committed_offset.get(tp) is None)
+    if not never_committed:
         return
-    streams = {tp for tp in assignment if not self._is_changelog_tp(tp)}
-    if assignment:
-        # The stream partitions are still paused (Faust paused them at the rebalance): nothing of theirs is
-        # delivered while the seek is awaited.
-        self.log.info("Seek stream partitions to committed offsets.")
-        await self._wait(consumer.perform_seek(), timeout=self.app.conf.broker_request_timeout)
-        never_committed = sorted(tp for tp in streams if consumer._committed_offset.get(tp) is None)
-        if never_committed:
-            # No committed offset: whatever was delivered before is cleared below, so read it again.
-            self.log.info("Seek stream partitions without a committed offset to their beginning: %r",
-                          never_committed)
-            from aiokafka.structs import TopicPartition  # aiokafka checks the type; Faust's TP is its own
+    from aiokafka.structs import TopicPartition  # aiokafka checks the type; Faust's TP is its own
 
-            await self._wait(consumer._thread.seek_to_beginning(*(TopicPartition(tp.topic, tp.partition)
-                                                                 for tp in never_committed)),
-                             timeout=self.app.conf.broker_request_timeout)
-    self.completed.set()
-    self.log.dev("Resume stream partitions")
-    self.app.flow_control.resume()  # clears the stream queues: only records from before the seek are in them
-    consumer.resume_partitions(streams)  # and only now may the fetcher deliver these partitions' records
-    consumer.resume_flow()
-    await cast(Any, self.app)._fetcher.maybe_start()
-    self.tables.on_actives_ready()
-    if not self.app.assignor.assigned_standbys():
-        self.tables.on_standbys_ready()
-    self.app.on_rebalance_end()
-    self.log.info("Worker ready")
+    self.log.info("Read again from their beginning, as no offset was committed: %r", never_committed)
+    for tp in never_committed:
+        consumer._read_offset[tp] = None  # Faust drops offsets at or below its read offset
+    await self._wait(consumer._thread.seek_to_beginning(*(TopicPartition(tp.topic, tp.partition)
+                                                         for tp in never_committed)),
+                     timeout=self.app.conf.broker_request_timeout)
 
 
 _on_recovery_completed._slimstream_fixed = True  # type: ignore[attr-defined]

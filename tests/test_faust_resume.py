@@ -1,7 +1,7 @@
 """streams/faust_resume.py against the real broker: records already waiting on the input topic when a worker
 starts (a fresh group: no committed offsets) all reach the agent, even when the seek that follows recovery is
 slow and the agent is not yet iterating (the window agent waits for its vector store); with Faust's own ``on_recovery_completed`` the same start drops the records its fetcher delivered during
-that seek (faust-streaming issue #596), which is what the reordering is for."""
+that seek (faust-streaming issue #596), which is what the wrapper is for."""
 
 from __future__ import annotations
 
