@@ -449,11 +449,7 @@ class Runtime:
         student = student or self.student
         assert student is not None
         fut = asyncio.get_running_loop().run_in_executor(self._student_pool, student.generate, list(batch))
-        try:
-            return await asyncio.wait_for(fut, timeout=self.settings.student.deadline_s)
-        except asyncio.TimeoutError:
-            self.metrics["student_deadline_exceeded"] += 1
-            raise DeadlineExceeded(f"student batch of {len(batch)} exceeded {self.settings.student.deadline_s}s")
+        return await self._within(fut, self.settings.student.deadline_s, "student", f"student batch of {len(batch)}")
 
 
 def _timed(histogram: Any, fn: Callable[..., T], *args: Any) -> T:

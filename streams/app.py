@@ -13,7 +13,7 @@ import faust
 from faust.tables import TableManager
 
 from streams.faust_compat import commit_bookkeeping_only_on_success
-from streams.faust_resume import clear_queues_before_resuming_streams
+from streams.faust_resume import reread_uncommitted_after_recovery
 from streams.kafka_auth import faust_credentials
 from streams.kafka_compat import leave_group_from_generation_zero, probe_changelog_ends
 from streams.settings import Settings
@@ -68,7 +68,7 @@ def create_app(settings: Settings) -> faust.App:
     _set_fetch_max_wait(settings.kafka.consumer_fetch_max_wait_ms)
     leave_group_from_generation_zero()  # a stopped worker leaves its group on Tansu too (streams/kafka_compat.py)
     commit_bookkeeping_only_on_success()  # a failed commit is committed again later (streams/faust_compat.py)
-    clear_queues_before_resuming_streams()  # records dropped as streams resume are read again (streams/faust_resume.py)
+    reread_uncommitted_after_recovery()  # records dropped as streams resume are read again (streams/faust_resume.py)
     if settings.kafka.probe_log_end:
         probe_changelog_ends(settings.kafka)  # recovery reads to the true end of a changelog on Tansu too
     extra = {}

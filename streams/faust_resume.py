@@ -1,5 +1,5 @@
 """After a recovery, Faust resumes the input partitions before it clears its queues: records delivered in between
-are dropped. Here they are not.
+are dropped. Here they are read again.
 
 faust-streaming 0.15.3's ``Recovery.on_recovery_completed`` (unchanged on its master branch) does, in order:
 resume the stream (non-changelog) partitions for its fetcher, ``await consumer.perform_seek()`` (seek each to its
@@ -17,7 +17,7 @@ the start never reached the agent (the committed offset stayed unset; ``/consume
 paused, its position past the probe, nothing buffered). A 30 s changelog read leaves plenty prefetched and makes
 the window wide; shorter recoveries hit it less often.
 
-:func:`clear_queues_before_resuming_streams` wraps that method: once it has run, every input partition without a
+:func:`reread_uncommitted_after_recovery` wraps that method: once it has run, every input partition without a
 committed offset is sought to its beginning (the group's ``earliest`` reset) and Faust's read offset for it
 forgotten, so what the clear dropped is read again (and what was delivered since comes twice: the window agent
 recognises every redelivered event). Partitions with a committed offset keep Faust's own handling. A first
@@ -30,16 +30,14 @@ was written against.
 from __future__ import annotations
 
 import inspect
-import logging
 from typing import Any
 
-log = logging.getLogger(__name__)
-# The order this fixes, as the installed method spells it (whitespace-insensitive).
+# The racy order, as the method this was written against spells it: each piece must appear, in this order.
 _RACY = ("consumer.resume_partitions(", "consumer.perform_seek()", "self.completed.set()",
          "self.app.flow_control.resume()")
 
 
-def clear_queues_before_resuming_streams() -> bool:
+def reread_uncommitted_after_recovery() -> bool:
     """Wrap ``Recovery.on_recovery_completed`` (see above). Idempotent; True if installed."""
     from faust.tables.recovery import Recovery
 
